@@ -1,0 +1,19 @@
+"""Server-side sessions for Flask: the cookie carries only a random ID."""
+
+from __future__ import annotations
+
+from .exceptions import BackendUnavailable
+from .exceptions import SessionTooLarge
+from .extension import ServerSide
+from .interface import ServerSideSessionInterface
+from .session import ServerSideSession
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "BackendUnavailable",
+    "ServerSide",
+    "ServerSideSession",
+    "ServerSideSessionInterface",
+    "SessionTooLarge",
+]

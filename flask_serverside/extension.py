@@ -1,0 +1,300 @@
+"""The ServerSide extension: configuration, wiring and operations."""
+
+from __future__ import annotations
+
+import os
+import re
+import typing as t
+
+from flask import current_app
+from flask import session
+
+from . import ids
+from .backends.base import Backend
+from .interface import ServerSideSessionInterface
+from .serializers import get_serializer
+from .store import SessionStore
+
+if t.TYPE_CHECKING:
+    from flask import Flask
+
+_BACKEND_NAMES = ("filesystem", "sqlalchemy", "cachelib")
+_PREFIX_RE = re.compile(r"[!-~]{1,100}")
+_TABLE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+
+
+def _defaults(app: Flask) -> dict[str, t.Any]:
+    return {
+        "SESSION_BACKEND": "filesystem",
+        "SESSION_FILE_DIR": os.path.join(app.instance_path, "sessions"),
+        "SESSION_SQLALCHEMY_URL": "sqlite:///"
+        + os.path.join(app.instance_path, "sessions.sqlite3"),
+        "SESSION_SQLALCHEMY_ENGINE": None,
+        "SESSION_SQLALCHEMY_TABLE": "sessions",
+        "SESSION_SQLALCHEMY_CREATE_TABLE": True,
+        "SESSION_CACHELIB": None,
+        "SESSION_KEY_PREFIX": "session:",
+        "SESSION_PERMANENT": True,
+        "SESSION_ID_BYTES": 32,
+        "SESSION_SIGN_ID": False,
+        "SESSION_SERIALIZER": "json",
+        "SESSION_MAX_BYTES": 262144,
+        "SESSION_TOUCH_INTERVAL": 60,
+        "SESSION_PROTECT_LOGIN": True,
+        "SESSION_CLEANUP_INTERVAL": 3600,
+    }
+
+
+class ServerSide:
+    """Moves the Flask session to a server-side store.
+
+    The cookie carries only a random session ID. Configure the store with the
+    ``SESSION_*`` keys, which are read once, by :meth:`init_app`.
+
+    .. code-block:: python
+
+        app = Flask(__name__)
+        ServerSide(app)
+
+    :param app: Call :meth:`init_app` on this app now.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, app: Flask | None = None) -> None:
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Read and check the config, then install the session interface,
+        the ``flask sessions`` commands and the Flask-Login hooks.
+
+        :raises ValueError: A ``SESSION_*`` key has a value it cannot take.
+        :raises RuntimeError: The extension is already registered on ``app``.
+        """
+        if "serverside" in app.extensions:
+            raise RuntimeError(
+                "ServerSide is already registered on this app. Call init_app"
+                " once per app; change app.config before calling it to"
+                " configure it."
+            )
+        for key, value in _defaults(app).items():
+            app.config.setdefault(key, value)
+        app.session_interface = _make_interface(app.config)
+        app.extensions["serverside"] = self
+        from .cli import sessions_cli
+
+        app.cli.add_command(sessions_cli)
+        if _boolean(app.config, "SESSION_PROTECT_LOGIN"):
+            _protect_login(app)
+
+    def get(self, sid: str) -> dict[str, t.Any] | None:
+        """The data of a live session, or ``None`` if it is missing or expired.
+
+        :param sid: The session ID, bare or as the signed cookie value.
+        """
+        key = self._sid(sid)
+        return None if key is None else _store().get(key)
+
+    def delete(self, sid: str) -> bool:
+        """Revoke a session; return whether it existed.
+
+        :param sid: The session ID, bare or as the signed cookie value.
+        """
+        key = self._sid(sid)
+        return key is not None and _store().delete(key)
+
+    def cleanup(self) -> int:
+        """Remove expired records now; return how many. ``0`` where the store
+        expires records itself."""
+        return sum(_store().cleanup())
+
+    def count(self) -> int:
+        """The number of live sessions.
+
+        :raises NotImplementedError: The store cannot list its keys.
+        """
+        return _store().count()
+
+    def clear(self) -> int:
+        """Remove every session; return how many there were.
+
+        :raises NotImplementedError: The store cannot list its keys.
+        """
+        return _store().clear()
+
+    @staticmethod
+    def _sid(value: str) -> str | None:
+        sid = _interface().parse_sid(current_app, value)
+        if sid is None and ids.is_valid(value):
+            return value
+        return sid
+
+
+def _interface() -> ServerSideSessionInterface:
+    interface = current_app.session_interface
+    if not isinstance(interface, ServerSideSessionInterface):
+        raise RuntimeError(
+            "This app's session_interface is not flask_serverside's; was it"
+            " replaced after ServerSide.init_app?"
+        )
+    return interface
+
+
+def _store() -> SessionStore:
+    return _interface().store
+
+
+def _make_interface(config: t.Mapping[str, t.Any]) -> ServerSideSessionInterface:
+    backend = _make_backend(config)
+    prefix = config["SESSION_KEY_PREFIX"]
+    if not isinstance(prefix, str) or not _PREFIX_RE.fullmatch(prefix):
+        raise ValueError(
+            f"SESSION_KEY_PREFIX={prefix!r} is not allowed: use 1 to 100"
+            " printable ASCII characters without spaces, such as 'session:'."
+        )
+    backend.configure(prefix)
+    store = SessionStore(
+        backend=backend,
+        serializer=get_serializer(config["SESSION_SERIALIZER"]),
+        prefix=prefix,
+        id_bytes=_integer(config, "SESSION_ID_BYTES", ids.MIN_BYTES, ids.MAX_BYTES),
+        max_bytes=_integer(config, "SESSION_MAX_BYTES", 1),
+        touch_interval=_seconds(config, "SESSION_TOUCH_INTERVAL"),
+    )
+    cleanup = _cleanup_interval(config)
+    return ServerSideSessionInterface(
+        store,
+        permanent=_boolean(config, "SESSION_PERMANENT"),
+        sign_id=_boolean(config, "SESSION_SIGN_ID"),
+        cleanup_interval=None if backend.native_expiry else cleanup,
+    )
+
+
+def _make_backend(config: t.Mapping[str, t.Any]) -> Backend:
+    name = config["SESSION_BACKEND"]
+    if isinstance(name, Backend):
+        return name
+    if name == "filesystem":
+        return _filesystem_backend(config)
+    if name == "sqlalchemy":
+        return _sqlalchemy_backend(config)
+    if name == "cachelib":
+        return _cachelib_backend(config)
+    raise ValueError(
+        f"SESSION_BACKEND={name!r} is not a backend: use one of"
+        f" {', '.join(map(repr, _BACKEND_NAMES))} or a"
+        " flask_serverside.backends.Backend instance."
+    )
+
+
+def _filesystem_backend(config: t.Mapping[str, t.Any]) -> Backend:
+    from .backends.filesystem import FileSystemBackend
+
+    directory = config["SESSION_FILE_DIR"]
+    if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
+        raise ValueError(
+            f"SESSION_FILE_DIR={directory!r} is not a directory path: set it to"
+            " a path the app can write to."
+        )
+    return FileSystemBackend(directory)
+
+
+def _sqlalchemy_backend(config: t.Mapping[str, t.Any]) -> Backend:
+    import sqlalchemy
+
+    from .backends.sqlalchemy import SQLAlchemyBackend
+
+    table = config["SESSION_SQLALCHEMY_TABLE"]
+    if not isinstance(table, str) or not _TABLE_RE.fullmatch(table):
+        raise ValueError(
+            f"SESSION_SQLALCHEMY_TABLE={table!r} is not a table name: use"
+            " letters, digits and underscores, starting with a letter."
+        )
+    create = _boolean(config, "SESSION_SQLALCHEMY_CREATE_TABLE")
+    engine = config["SESSION_SQLALCHEMY_ENGINE"]
+    if engine is not None:
+        if not isinstance(engine, sqlalchemy.Engine):
+            raise ValueError(
+                f"SESSION_SQLALCHEMY_ENGINE={engine!r} is not a sqlalchemy.Engine:"
+                " pass an engine (such as Flask-SQLAlchemy's db.engine) or None."
+            )
+        return SQLAlchemyBackend(engine=engine, table=table, create_table=create)
+    url = config["SESSION_SQLALCHEMY_URL"]
+    try:
+        sqlalchemy.make_url(url)
+    except (sqlalchemy.exc.ArgumentError, TypeError) as exc:
+        raise ValueError(
+            f"SESSION_SQLALCHEMY_URL={url!r} is not a database URL, such as"
+            " 'postgresql+psycopg2://user:password@host/dbname'."
+        ) from exc
+    return SQLAlchemyBackend(url=url, table=table, create_table=create)
+
+
+def _cachelib_backend(config: t.Mapping[str, t.Any]) -> Backend:
+    from cachelib import BaseCache
+
+    from .backends.cachelib import CacheLibBackend
+    from .backends.cachelib import cache_from_url
+
+    cache = config["SESSION_CACHELIB"]
+    if isinstance(cache, str):
+        cache = cache_from_url(cache)
+    if not isinstance(cache, BaseCache):
+        raise ValueError(
+            f"SESSION_CACHELIB={cache!r} is not a cache: SESSION_BACKEND="
+            "'cachelib' needs a cachelib.BaseCache instance or a URL such as"
+            " 'redis://localhost:6379/0', 'memcached://localhost:11211' or"
+            " 'simple://'."
+        )
+    return CacheLibBackend(cache)
+
+
+def _boolean(config: t.Mapping[str, t.Any], key: str) -> bool:
+    value = config[key]
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}={value!r} is not allowed: use True or False.")
+    return value
+
+
+def _integer(
+    config: t.Mapping[str, t.Any], key: str, low: int, high: int | None = None
+) -> int:
+    value = config[key]
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if ok and low <= value and (high is None or value <= high):
+        return t.cast(int, value)
+    allowed = f"from {low} to {high}" if high is not None else f"{low} or more"
+    raise ValueError(f"{key}={value!r} is not allowed: use a whole number {allowed}.")
+
+
+def _seconds(config: t.Mapping[str, t.Any], key: str) -> float:
+    value = config[key]
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    raise ValueError(f"{key}={value!r} is not allowed: use a number of seconds, 0 or more.")
+
+
+def _cleanup_interval(config: t.Mapping[str, t.Any]) -> float | None:
+    if config["SESSION_CLEANUP_INTERVAL"] in (None, 0):
+        return None
+    return _seconds(config, "SESSION_CLEANUP_INTERVAL")
+
+
+def _protect_login(app: Flask) -> None:
+    """Regenerate the ID on login and destroy the session on logout."""
+    try:
+        from flask_login import user_logged_in
+        from flask_login import user_logged_out
+    except ImportError:
+        return
+    user_logged_in.connect(_on_login, sender=app, weak=False)
+    user_logged_out.connect(_on_logout, sender=app, weak=False)
+
+
+def _on_login(sender: Flask, **kwargs: t.Any) -> None:
+    session.regenerate()  # type: ignore[attr-defined]
+
+
+def _on_logout(sender: Flask, **kwargs: t.Any) -> None:
+    session.destroy()  # type: ignore[attr-defined]

@@ -1,0 +1,172 @@
+"""The session interface: cookies in, cookies out, store calls in between."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import typing as t
+
+from flask.sessions import SessionInterface
+
+from . import ids
+from . import signals
+from .session import ServerSideSession
+from .store import Outcome
+
+if t.TYPE_CHECKING:
+    from flask import Flask
+    from flask import Request
+    from flask import Response
+    from flask.sessions import SessionMixin
+
+    from .store import SessionStore
+
+logger = logging.getLogger("flask_serverside")
+
+
+class ServerSideSessionInterface(SessionInterface):
+    """Keeps the session in a store; the cookie carries only its ID.
+
+    ``open_session`` runs for every request, static files included, so it
+    only parses the cookie; the store is first contacted when the session's
+    data is used.
+
+    :param store: The backend with its settings.
+    :param permanent: ``SESSION_PERMANENT``.
+    :param sign_id: ``SESSION_SIGN_ID``.
+    :param cleanup_interval: ``SESSION_CLEANUP_INTERVAL``, or ``None`` when
+        the store expires records itself or cleanup is turned off.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        store: SessionStore,
+        *,
+        permanent: bool,
+        sign_id: bool,
+        cleanup_interval: float | None,
+    ) -> None:
+        self.store = store
+        self.permanent = permanent
+        self.sign_id = sign_id
+        self.cleanup_interval = cleanup_interval
+        self._next_cleanup = 0.0
+        self._cleanup_lock = threading.Lock()
+
+    def _signing_keys(self, app: Flask) -> list[str | bytes] | None:
+        if not self.sign_id:
+            return None
+        if not app.secret_key:
+            raise RuntimeError(
+                "SESSION_SIGN_ID is on but SECRET_KEY is not set. Set"
+                " app.config['SECRET_KEY'] to a long random value."
+            )
+        return [*(app.config.get("SECRET_KEY_FALLBACKS") or ()), app.secret_key]
+
+    def cookie_value(self, app: Flask, sid: str) -> str:
+        """The cookie value for ``sid``: the ID, signed if configured."""
+        keys = self._signing_keys(app)
+        return sid if keys is None else ids.sign(sid, keys)
+
+    def parse_sid(self, app: Flask, value: str) -> str | None:
+        """The session ID in a cookie value, or ``None`` if malformed."""
+        return ids.parse_cookie(value, self._signing_keys(app))
+
+    def open_session(self, app: Flask, request: Request) -> ServerSideSession:
+        value = request.cookies.get(self.get_cookie_name(app))
+        sid = self.parse_sid(app, value) if value else None
+        return ServerSideSession(self.store, sid, self.permanent)
+
+    def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
+        assert isinstance(session, ServerSideSession)
+        self._schedule_cleanup(response)
+        if session.accessed:
+            response.vary.add("Cookie")
+        if not self._needs_saving(app, session):
+            return
+        # Flask calls save_session again when this one raises; don't retry.
+        session.save_attempted = True
+        outcome = self.store.save(session, app.permanent_session_lifetime.total_seconds())
+        self._send_signals(app, session, outcome)
+        self._update_cookie(app, session, response, outcome)
+
+    def _needs_saving(self, app: Flask, session: ServerSideSession) -> bool:
+        if session.load_failed or session.save_attempted:
+            return False
+        if session.loaded:
+            return True
+        if session.accessed and session.cookie_sid and app.config["SESSION_REFRESH_EACH_REQUEST"]:
+            # Only the ID was read: load to refresh a cookie for a live session.
+            session.data  # noqa: B018
+            return True
+        return False
+
+    def _update_cookie(
+        self, app: Flask, session: ServerSideSession, response: Response, outcome: Outcome
+    ) -> None:
+        if outcome in (Outcome.CREATED, Outcome.WRITTEN):
+            self._set_cookie(app, session, response)
+        elif outcome is Outcome.EMPTIED or (
+            outcome is Outcome.NOTHING and (session.destroyed or session.cookie_sid)
+        ):
+            self._delete_cookie(app, response)
+        elif outcome is Outcome.KEPT and self.should_set_cookie(app, session):
+            self._set_cookie(app, session, response)
+
+    def _cookie_options(self, app: Flask) -> dict[str, t.Any]:
+        return {
+            "domain": self.get_cookie_domain(app),
+            "path": self.get_cookie_path(app),
+            "secure": self.get_cookie_secure(app),
+            "httponly": self.get_cookie_httponly(app),
+            "samesite": self.get_cookie_samesite(app),
+            "partitioned": self.get_cookie_partitioned(app),
+        }
+
+    def _set_cookie(self, app: Flask, session: ServerSideSession, response: Response) -> None:
+        response.set_cookie(
+            self.get_cookie_name(app),
+            self.cookie_value(app, session.sid),
+            expires=self.get_expiration_time(app, session),
+            **self._cookie_options(app),
+        )
+
+    def _delete_cookie(self, app: Flask, response: Response) -> None:
+        response.delete_cookie(self.get_cookie_name(app), **self._cookie_options(app))
+
+    def _send_signals(self, app: Flask, session: ServerSideSession, outcome: Outcome) -> None:
+        if session.destroyed_sid is not None:
+            signals.session_destroyed.send(app, sid=session.destroyed_sid)
+        if outcome is not Outcome.CREATED:
+            return
+        if session.regenerated_from is not None:
+            signals.session_regenerated.send(
+                app, old_sid=session.regenerated_from, sid=session.sid
+            )
+        else:
+            signals.session_created.send(app, sid=session.sid)
+
+    def _schedule_cleanup(self, response: Response) -> None:
+        """Remove expired records after the response has been sent, at most
+        once per ``cleanup_interval`` in this process."""
+        if self.cleanup_interval is None or time.monotonic() < self._next_cleanup:
+            return
+        with self._cleanup_lock:
+            now = time.monotonic()
+            if now < self._next_cleanup:
+                return
+            self._next_cleanup = now + self.cleanup_interval
+        response.call_on_close(self.run_cleanup)
+
+    def run_cleanup(self) -> int:
+        """Remove expired records now; log instead of raising on failure."""
+        try:
+            removed = sum(self.store.cleanup())
+        except Exception:
+            logger.exception("Removing expired sessions failed; will retry later.")
+            return 0
+        logger.info("Removed %d expired sessions.", removed)
+        return removed

@@ -1,0 +1,195 @@
+"""The session object: lazy loading, change tracking, regenerate and destroy."""
+
+from __future__ import annotations
+
+import typing as t
+from collections.abc import Iterator
+
+from flask.sessions import SessionMixin
+
+if t.TYPE_CHECKING:
+    from .serializers import Serializer
+    from .store import Loaded
+    from .store import SessionStore
+
+_PERMANENT = "_permanent"
+
+
+class ServerSideSession(SessionMixin):
+    """The ``flask.session`` of a request, backed by a server-side store.
+
+    Nothing is read from the store until the data is first used. The changes
+    made during the request (including inside nested values) are found at
+    save time and merged into the stored record, so overlapping requests do
+    not undo each other's work.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, store: SessionStore, sid: str | None, permanent: bool) -> None:
+        self._store = store
+        #: The ID the request came with; ``None`` when it had no valid cookie.
+        self.cookie_sid = sid
+        self._sid = sid
+        self._default_permanent = permanent
+        self._data: dict[str, t.Any] | None = None
+        #: What was loaded from the store, or ``None`` for a new session.
+        self.stored: Loaded | None = None
+        self._written: set[str] = set()
+        self.cleared = False
+        self.destroyed = False
+        #: The stored ID this session had before :meth:`regenerate`.
+        self.regenerated_from: str | None = None
+        #: The stored ID whose record :meth:`destroy` removes.
+        self.destroyed_sid: str | None = None
+        self.new = sid is None
+        self.modified = False
+        self.accessed = False
+        self.load_failed = False
+        self.save_attempted = False
+
+    @property
+    def sid(self) -> str:
+        """The session ID. Reading it does not load the data.
+
+        Until the data is loaded this is the ID from the cookie; if its record
+        turns out to be missing or expired, a fresh ID replaces it then.
+        """
+        self.accessed = True
+        if self._sid is None:
+            self._sid = self._store.new_id()
+        return self._sid
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the data has been read (or the session is known new)."""
+        return self._data is not None
+
+    @property
+    def data(self) -> dict[str, t.Any]:
+        """The session's data, loaded from the store on first use."""
+        self.accessed = True
+        if self._data is None:
+            self._data = self._load()
+        return self._data
+
+    def _load(self) -> dict[str, t.Any]:
+        if self._sid is None or self.new:
+            return {}
+        try:
+            self.stored = self._store.load(self._sid)
+        except Exception:
+            self.load_failed = True
+            raise
+        if self.stored is None:
+            self.new = True
+            self._sid = None
+            return {}
+        return self.stored.data
+
+    def __getitem__(self, key: str) -> t.Any:
+        return self.data[key]
+
+    def __setitem__(self, key: str, value: t.Any) -> None:
+        self.data[key] = value
+        self._written.add(key)
+        self.modified = True
+
+    def __delitem__(self, key: str) -> None:
+        del self.data[key]
+        self._written.add(key)
+        self.modified = True
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.data
+
+    def get(self, key: str, default: t.Any = None) -> t.Any:
+        return self.data.get(key, default)
+
+    def __repr__(self) -> str:
+        state = repr(self._data) if self._data is not None else "not loaded"
+        return f"<{type(self).__name__} {state}>"
+
+    @property  # type: ignore[override]
+    def permanent(self) -> bool:
+        """Whether the cookie outlives the browser session.
+
+        New sessions take ``SESSION_PERMANENT``. The server-side lifetime is
+        ``PERMANENT_SESSION_LIFETIME`` either way.
+        """
+        return bool(self.data.get(_PERMANENT, self._default_permanent))
+
+    @permanent.setter
+    def permanent(self, value: bool) -> None:
+        self[_PERMANENT] = bool(value)
+
+    def clear(self) -> None:
+        """Remove all data. The stored record is replaced, not merged into."""
+        self.data.clear()
+        self._written.clear()
+        self.cleared = True
+        self.modified = True
+
+    def regenerate(self) -> None:
+        """Give the session a new ID, keeping its data.
+
+        The old ID stops working when the request ends. Call it on login to
+        defend against session fixation.
+        """
+        self.data  # noqa: B018 - the old record must be known to move it.
+        if self.regenerated_from is None and not self.new:
+            self.regenerated_from = self._sid
+        self._sid = self._store.new_id()
+        self.modified = True
+
+    def destroy(self) -> None:
+        """Remove the data, the stored record and the cookie (logout).
+
+        The session starts over, empty and new: data set after this (a
+        flashed message, say) goes into a session with a fresh ID.
+        """
+        self.destroyed_sid = self.regenerated_from or (None if self.new else self._sid)
+        self.destroyed = True
+        self._data = {}
+        self._written.clear()
+        self.stored = None
+        self.new = True
+        self._sid = None
+        self.regenerated_from = None
+        self.cleared = False
+        self.modified = True
+        self.accessed = True
+
+    def is_empty(self) -> bool:
+        """Whether the session holds nothing but its permanent flag."""
+        return all(key == _PERMANENT for key in self.data)
+
+    def changed_keys(self, serializer: Serializer) -> set[str]:
+        """The top-level keys this request set, deleted or mutated in place.
+
+        Mutations inside nested values are found by comparing each key's
+        serialized form with the one loaded.
+        """
+        data = self.data
+        if self.stored is None:
+            return set(data)
+        changed = set(self._written)
+        if not changed and serializer.dumps(data) == self.stored.raw:
+            return changed
+        original = serializer.loads(self.stored.raw)
+        for key in original.keys() | data.keys():
+            if key in changed:
+                continue
+            if key not in original or key not in data:
+                changed.add(key)
+            elif serializer.dumps({key: original[key]}) != serializer.dumps(
+                {key: data[key]}
+            ):
+                changed.add(key)
+        return changed

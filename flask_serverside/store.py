@@ -1,0 +1,216 @@
+"""Everything between the session object and a backend, done once.
+
+Storage keys, serialization, expiry, size limits, the change merge and the
+mapping of store errors to :exc:`~flask_serverside.BackendUnavailable`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+import typing as t
+from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from . import ids
+from .exceptions import BackendUnavailable
+from .exceptions import SessionTooLarge
+
+if t.TYPE_CHECKING:
+    from .backends.base import Backend
+    from .backends.base import Record
+    from .serializers import Serializer
+    from .session import ServerSideSession
+
+logger = logging.getLogger("flask_serverside")
+T = t.TypeVar("T")
+
+
+@dataclass
+class Loaded:
+    """A session as read from the store.
+
+    :param data: The decoded data, owned by the session from now on.
+    :param raw: The stored bytes, to find changes at save time.
+    :param expires: The stored expiry, as a Unix timestamp.
+    """
+
+    data: dict[str, t.Any]
+    raw: bytes
+    expires: float
+
+
+class Outcome(enum.Enum):
+    """What saving a session did to the store."""
+
+    #: Nothing stored, nothing changed.
+    NOTHING = "nothing"
+    #: Unchanged; its expiry may have been extended.
+    KEPT = "kept"
+    #: A new record was created, or the record moved to a new ID.
+    CREATED = "created"
+    #: The record was rewritten.
+    WRITTEN = "written"
+    #: The merged session was empty, so its record was removed.
+    EMPTIED = "emptied"
+    #: Another request destroyed or regenerated the session; changes dropped.
+    DROPPED = "dropped"
+
+
+@dataclass
+class SessionStore:
+    """A backend with the settings that apply to every backend.
+
+    :param backend: Where the bytes go.
+    :param serializer: How data becomes bytes.
+    :param prefix: ``SESSION_KEY_PREFIX``.
+    :param id_bytes: ``SESSION_ID_BYTES``.
+    :param max_bytes: ``SESSION_MAX_BYTES``.
+    :param touch_interval: ``SESSION_TOUCH_INTERVAL``.
+    """
+
+    backend: Backend
+    serializer: Serializer
+    prefix: str
+    id_bytes: int
+    max_bytes: int
+    touch_interval: float
+
+    def new_id(self) -> str:
+        return ids.generate(self.id_bytes)
+
+    def key(self, sid: str) -> str:
+        return ids.storage_key(self.prefix, sid)
+
+    @contextmanager
+    def _guard(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except self.backend.unavailable_errors as exc:
+            logger.error("Session store unavailable while %s: %r", action, exc)
+            raise BackendUnavailable() from exc
+
+    def _call(self, action: str, func: Callable[..., T], *args: t.Any) -> T:
+        with self._guard(action):
+            return func(*args)
+
+    def load(self, sid: str) -> Loaded | None:
+        """Read a live session, or ``None`` if missing, expired or corrupt.
+
+        :raises BackendUnavailable: The store could not be reached.
+        """
+        record = self._call("loading", self.backend.load, self.key(sid))
+        return self._decode(record, time.time())
+
+    def _decode(self, record: Record | None, now: float) -> Loaded | None:
+        if record is None or record.expires <= now:
+            return None
+        try:
+            data = self.serializer.loads(record.data)
+        except Exception as exc:
+            logger.warning("Ignoring a session record that fails to decode: %r", exc)
+            return None
+        return Loaded(data, record.data, record.expires)
+
+    def _encode(self, data: dict[str, t.Any]) -> bytes:
+        raw = self.serializer.dumps(data)
+        if len(raw) > self.max_bytes:
+            raise SessionTooLarge(len(raw), self.max_bytes)
+        return raw
+
+    def delete(self, sid: str) -> bool:
+        """Remove a session's record; return whether there was one."""
+        return self._call("deleting", self.backend.delete, self.key(sid))
+
+    def save(self, session: ServerSideSession, lifetime: float) -> Outcome:
+        """Apply the session's changes to the store.
+
+        :param lifetime: Seconds a written session lives.
+        :raises BackendUnavailable: The store could not be reached; the
+            stored record is as it was.
+        :raises SessionTooLarge: The session is over ``max_bytes``; the stored
+            record is as it was.
+        """
+        with self._guard("saving"):
+            if session.destroyed_sid is not None:
+                self.backend.delete(self.key(session.destroyed_sid))
+            changed = session.changed_keys(self.serializer)
+            if session.stored is None:
+                return self._create(session, lifetime)
+            if not changed and not session.cleared and session.regenerated_from is None:
+                return self._touch(session, session.stored, lifetime)
+            return self._merge(session, changed, lifetime)
+
+    def _create(self, session: ServerSideSession, lifetime: float) -> Outcome:
+        if session.is_empty():
+            return Outcome.NOTHING
+        raw = self._encode(session.data)
+        self.backend.save(self.key(session.sid), raw, time.time() + lifetime)
+        return Outcome.CREATED
+
+    def _touch(self, session: ServerSideSession, stored: Loaded, lifetime: float) -> Outcome:
+        now = time.time()
+        if now - (stored.expires - lifetime) >= min(self.touch_interval, lifetime / 2):
+            self.backend.touch(self.key(session.sid), now + lifetime)
+        return Outcome.KEPT
+
+    def _merge(self, session: ServerSideSession, changed: set[str], lifetime: float) -> Outcome:
+        stored_sid = session.regenerated_from or session.sid
+        key = self.key(stored_sid)
+        with self.backend.lock(key):
+            now = time.time()
+            current = self._decode(self.backend.load(key), now)
+            if current is None:
+                logger.info(
+                    "Dropping this request's session changes: another request"
+                    " destroyed or regenerated the session meanwhile."
+                )
+                return Outcome.DROPPED
+            merged = _apply(current.data, session.data, changed, session.cleared)
+            if all(k == "_permanent" for k in merged):
+                self.backend.delete(key)
+                return Outcome.EMPTIED
+            raw = self._encode(merged)
+            if session.regenerated_from is None:
+                self.backend.save(key, raw, now + lifetime)
+                return Outcome.WRITTEN
+            self.backend.save(self.key(session.sid), raw, now + lifetime)
+            self.backend.delete(key)
+            return Outcome.CREATED
+
+    def get(self, sid: str) -> dict[str, t.Any] | None:
+        """The data of a live session, or ``None``."""
+        loaded = self.load(sid)
+        return None if loaded is None else loaded.data
+
+    def cleanup(self) -> Iterator[int]:
+        """Remove expired records, yielding how many each step removed."""
+        with self._guard("cleaning up"):
+            yield from self.backend.cleanup(time.time())
+
+    def count(self) -> int:
+        return self._call("counting", self.backend.count, time.time())
+
+    def clear(self) -> int:
+        return self._call("clearing", self.backend.clear)
+
+
+def _apply(
+    stored: dict[str, t.Any],
+    data: dict[str, t.Any],
+    changed: set[str],
+    cleared: bool,
+) -> dict[str, t.Any]:
+    """This request's changes applied to the freshly read stored data."""
+    if cleared:
+        return dict(data)
+    merged = dict(stored)
+    for key in changed:
+        if key in data:
+            merged[key] = data[key]
+        else:
+            merged.pop(key, None)
+    return merged

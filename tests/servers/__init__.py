@@ -1,0 +1,88 @@
+"""Real servers for the test suite, started on loopback from system binaries.
+
+Each server module offers a ``start(tmp_dir)`` function that returns a
+:class:`Server` or raises :exc:`ServerNotFound` when its binaries are not
+installed. ``conftest.py`` turns that into a skip, or into a failure when
+servers are required (``--require-servers``, set in CI).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+
+class ServerNotFound(Exception):
+    """The server's binaries are not installed on this machine."""
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """Block until ``port`` accepts connections or ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"server did not listen on port {port} within {timeout}s")
+
+
+def find_binary(name: str, *extra_dirs: str) -> str:
+    """Find ``name`` on ``PATH`` or in ``extra_dirs``, or raise ServerNotFound."""
+    path = shutil.which(name, path=os.pathsep.join([*extra_dirs, os.environ.get("PATH", "")]))
+    if path is None:
+        raise ServerNotFound(f"{name} is not installed")
+    return path
+
+
+@dataclass
+class Server:
+    """A running server process.
+
+    :param url: How clients reach it (scheme depends on the server).
+    :param port: Its loopback port.
+    :param proc: The process; :meth:`stop` ends it, :meth:`pause` and
+        :meth:`resume` freeze it (an unresponsive server, data kept).
+    :param restart: Starts the process again on the same port and data.
+    """
+
+    url: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    restart_args: list[str] = field(default_factory=list)
+    restart_kwargs: dict[str, object] = field(default_factory=dict)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def start_again(self) -> None:
+        """Start the server again after :meth:`stop`, on the same port."""
+        self.proc = subprocess.Popen(self.restart_args, **self.restart_kwargs)  # type: ignore[call-overload]
+        wait_for_port(self.port, self.proc)
+
+    def pause(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
