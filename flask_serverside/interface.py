@@ -11,6 +11,7 @@ from flask.sessions import SessionInterface
 
 from . import ids
 from . import signals
+from .exceptions import BackendUnavailable
 from .session import ServerSideSession
 from .store import Outcome
 
@@ -89,7 +90,11 @@ class ServerSideSessionInterface(SessionInterface):
             return
         # Flask calls save_session again when this one raises; don't retry.
         session.save_attempted = True
-        outcome = self.store.save(session, app.permanent_session_lifetime.total_seconds())
+        try:
+            outcome = self.store.save(session, app.permanent_session_lifetime.total_seconds())
+        except BackendUnavailable as exc:
+            _replace_response(response, exc)
+            return
         self._send_signals(app, session, outcome)
         self._update_cookie(app, session, response, outcome)
 
@@ -170,3 +175,16 @@ class ServerSideSessionInterface(SessionInterface):
             return 0
         logger.info("Removed %d expired sessions.", removed)
         return removed
+
+
+def _replace_response(response: Response, error: BackendUnavailable) -> None:
+    """Turn the view's response into the 503 of a store that failed on save.
+
+    Flask would answer an exception raised here with a 500; a 503 tells
+    clients and load balancers that trying again later may work. The view's
+    headers, its cookies included, are dropped with its body.
+    """
+    failure = error.get_response()
+    response.status = failure.status
+    response.headers = failure.headers.copy()
+    response.set_data(failure.get_data())

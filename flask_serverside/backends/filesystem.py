@@ -94,12 +94,15 @@ class FileSystemBackend(Backend):
         return fd
 
     def _make_dirs(self, shard: str) -> None:
-        for path in (self.directory, shard):
-            try:
-                os.mkdir(path, 0o700)
-            except FileExistsError:
-                continue
-            os.chmod(path, 0o700)
+        # mkdir's mode is filtered by the umask; chmod what we create.
+        if not os.path.isdir(self.directory):
+            os.makedirs(self.directory, 0o700, exist_ok=True)
+            os.chmod(self.directory, 0o700)
+        try:
+            os.mkdir(shard, 0o700)
+        except FileExistsError:
+            return
+        os.chmod(shard, 0o700)
 
     def touch(self, key: str, expires: float) -> None:
         try:

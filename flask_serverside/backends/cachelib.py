@@ -1,0 +1,634 @@
+"""Sessions in a cachelib cache: Redis, Memcached or an in-process cache.
+
+Nothing here is ever pickled. cachelib's own serializers pickle every value,
+so for Redis and Memcached this module talks to the cache's underlying client
+with raw bytes, under the same keys (cachelib's ``key_prefix`` included). The
+user's other keys in the same cache keep working through cachelib as before.
+Other caches (:class:`~cachelib.SimpleCache`, :class:`~cachelib.FileSystemCache`,
+subclasses) are used through the :class:`~cachelib.BaseCache` API; they keep
+their values in the process or on the local disk, where nobody but the
+application can plant one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import re
+import secrets
+import struct
+import sys
+import threading
+import time
+import typing as t
+from contextlib import contextmanager
+from urllib.parse import unquote
+from urllib.parse import urlsplit
+
+from cachelib import BaseCache
+from cachelib import MemcachedCache
+from cachelib import RedisCache
+from cachelib import SimpleCache
+from cachelib.redis_base import BaseRedisCache
+
+from .base import Backend
+from .base import Record
+
+__all__ = ["CacheLibBackend", "cache_from_url"]
+
+log = logging.getLogger(__name__)
+
+#: Socket timeout, in seconds, of the clients :func:`cache_from_url` builds.
+SOCKET_TIMEOUT = 5.0
+
+#: Starts every value in Redis; the payload follows, the key's TTL is the expiry.
+_REDIS_MARK = b"fss\x01"
+#: Starts every value elsewhere, followed by the expiry as a big-endian double.
+_MARK = b"fss\x02"
+_HEADER = struct.Struct(">4sd")
+
+_LOCK_SUFFIX = ":lock"
+#: What follows the prefix in a session key: the hex SHA-256 of the ID.
+_SESSION_TAIL = re.compile(rb"[0-9a-f]{64}")
+#: Memcached's key length limit, and its cut-over from relative TTLs to dates.
+_MEMCACHED_MAX_KEY = 250
+_MEMCACHED_MAX_TTL = 30 * 24 * 3600
+
+_URL_FORMS = (
+    "redis://[:password@]host[:port][/db], rediss://[:password@]host[:port][/db],"
+    " memcached://host:port[,host:port...] or simple://"
+)
+
+
+def cache_from_url(url: str) -> BaseCache:
+    """Build the cache that a ``SESSION_CACHELIB`` URL describes.
+
+    ``redis://[:password@]host[:port][/db]`` (``rediss://`` for TLS) gives a
+    :class:`~cachelib.RedisCache`, ``memcached://host:port[,host:port...]`` a
+    :class:`~cachelib.MemcachedCache` on pymemcache, ``simple://`` a
+    :class:`~cachelib.SimpleCache` that never evicts live sessions. Network
+    clients time out after :data:`SOCKET_TIMEOUT` seconds and report a server
+    that is down instead of answering "missing".
+
+    :param url: The URL.
+    :raises ValueError: The URL is not one of the forms above.
+
+    .. versionadded:: 0.1
+    """
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if sep and scheme in ("redis", "rediss"):
+        return _redis_cache(url)
+    if sep and scheme == "memcached":
+        return _memcached_cache(url, rest)
+    if sep and scheme == "simple" and not rest:
+        return SimpleCache(threshold=sys.maxsize)
+    raise _bad_url(url, "its scheme is not supported")
+
+
+def _bad_url(url: str, reason: str) -> ValueError:
+    return ValueError(
+        f"SESSION_CACHELIB {url!r} is not a valid cache URL: {reason}. Use"
+        f" {_URL_FORMS}, or pass a cachelib.BaseCache instance."
+    )
+
+
+def _redis_cache(url: str) -> RedisCache:
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise _bad_url(url, "its port is not a number from 1 to 65535") from exc
+    db = re.fullmatch(r"(?:/(\d*))?", parts.path)
+    if not parts.hostname or db is None or parts.query or parts.fragment:
+        raise _bad_url(url, "it needs a host, and nothing after the db number")
+    redis = _import("redis", url)
+    client = redis.Redis(
+        host=parts.hostname,
+        port=port or 6379,
+        db=int(db.group(1) or 0),
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        ssl=parts.scheme == "rediss",
+        socket_timeout=SOCKET_TIMEOUT,
+        socket_connect_timeout=SOCKET_TIMEOUT,
+        # One retry reconnects a pooled connection that a restart closed;
+        # more would only multiply the wait while the server hangs.
+        retry=redis.retry.Retry(redis.backoff.NoBackoff(), 1),
+    )
+    return RedisCache(client)
+
+
+def _memcached_cache(url: str, rest: str) -> MemcachedCache:
+    servers = []
+    for item in rest.rstrip("/").split(","):
+        parts = urlsplit(f"//{item}")
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise _bad_url(url, f"the port of {item!r} is not a number") from exc
+        if not parts.hostname or parts.username or parts.path or parts.query:
+            raise _bad_url(url, f"{item!r} is not a host:port pair")
+        servers.append((parts.hostname, port or 11211))
+    hash_client = _import("pymemcache.client.hash", url)
+    client = hash_client.HashClient(
+        servers,
+        use_pooling=True,
+        connect_timeout=SOCKET_TIMEOUT,
+        timeout=SOCKET_TIMEOUT,
+        default_noreply=False,
+        # A server that failed is retried on every call and raises again
+        # while it is down; HashClient's defaults would answer "missing"
+        # between retries, or move its keys to another server.
+        ignore_exc=False,
+        retry_attempts=sys.maxsize,
+        retry_timeout=0,
+    )
+    return MemcachedCache(client)
+
+
+def _import(module: str, url: str) -> t.Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        package = module.partition(".")[0]
+        raise ImportError(
+            f"SESSION_CACHELIB {url!r} needs the {package!r} package; install it"
+            f" with 'pip install {package}'."
+        ) from exc
+
+
+def _pack(data: bytes, expires: float) -> bytes:
+    return _HEADER.pack(_MARK, expires) + data
+
+
+def _unpack(value: object, key: str) -> Record | None:
+    if value is None:
+        return None
+    if not isinstance(value, bytes) or not value.startswith(_MARK):
+        log.warning("Ignoring the value stored under %r: not a session record.", key)
+        return None
+    try:
+        _, expires = _HEADER.unpack_from(value)
+    except struct.error:
+        log.warning("Ignoring the value stored under %r: it is truncated.", key)
+        return None
+    return Record(value[_HEADER.size :], expires)
+
+
+def _ttl_seconds(expires: float) -> int:
+    """A native TTL in whole seconds that outlives ``expires``.
+
+    Stores that count in whole seconds may drop a key up to a second early,
+    hence one second more; the exact expiry is kept in the value's header.
+    """
+    return max(1, math.ceil(expires - time.time()) + 1)
+
+
+def _glob_escape(text: bytes) -> bytes:
+    return re.sub(rb"([*?\[\]\\])", rb"\\\1", text)
+
+
+class _Store:
+    """The operations a kind of cache offers the backend."""
+
+    errors: tuple[type[BaseException], ...] = (OSError,)
+    unlisted = "{} cannot list its keys, so {}() is not available."
+
+    def __init__(self, cache: BaseCache) -> None:
+        self.cache = cache
+
+    def load(self, key: str) -> Record | None:
+        raise NotImplementedError
+
+    def save(self, key: str, data: bytes, expires: float) -> None:
+        raise NotImplementedError
+
+    def touch(self, key: str, expires: float) -> None:
+        raise NotImplementedError
+
+    def delete(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def acquire(self, lock_key: str, token: str, ttl: float) -> bool:
+        """Create ``lock_key`` holding ``token`` unless it exists."""
+        raise NotImplementedError
+
+    def release(self, lock_key: str, token: str) -> None:
+        """Remove ``lock_key`` if it still holds ``token``."""
+        raise NotImplementedError
+
+    def count(self, prefix: str, now: float) -> int:
+        raise NotImplementedError(self.unlisted.format(type(self.cache).__name__, "count"))
+
+    def clear(self, prefix: str) -> int:
+        raise NotImplementedError(self.unlisted.format(type(self.cache).__name__, "clear"))
+
+    def cleanup(self, prefix: str, now: float) -> t.Iterator[int]:
+        return iter(())
+
+
+class _RedisStore(_Store):
+    """Raw bytes through the cache's client; the expiry is the key's TTL.
+
+    Loads read the TTL with the value in one transaction, so a touch is a
+    single ``PEXPIRE`` and the stored value never holds a stale expiry.
+    """
+
+    _RELEASE = (
+        "if redis.call('get', KEYS[1]) == ARGV[1] then"
+        " return redis.call('del', KEYS[1]) end return 0"
+    )
+
+    def __init__(self, cache: BaseRedisCache) -> None:
+        super().__init__(cache)
+        # The write client for reads too: the re-read under the lock must
+        # not come from a lagging replica.
+        self.client = cache._write_client
+        self.prefix = cache._get_prefix
+        self.errors = _redis_errors()
+        self._release = self.client.register_script(self._RELEASE)
+
+    def load(self, key: str) -> Record | None:
+        name = self.prefix() + key
+        now = time.time()
+        with self.client.pipeline(transaction=True) as pipe:
+            value, pttl = pipe.get(name).pttl(name).execute()
+        if value is None:
+            return None
+        if not isinstance(value, bytes) or not value.startswith(_REDIS_MARK) or pttl < 0:
+            log.warning("Ignoring the value stored under %r: not a session record.", name)
+            return None
+        return Record(value[len(_REDIS_MARK) :], now + pttl / 1000)
+
+    def save(self, key: str, data: bytes, expires: float) -> None:
+        self.client.set(self.prefix() + key, _REDIS_MARK + data, px=_ttl_ms(expires))
+
+    def touch(self, key: str, expires: float) -> None:
+        self.client.pexpire(self.prefix() + key, _ttl_ms(expires))
+
+    def delete(self, key: str) -> bool:
+        return bool(self.client.delete(self.prefix() + key))
+
+    def acquire(self, lock_key: str, token: str, ttl: float) -> bool:
+        name = self.prefix() + lock_key
+        return bool(self.client.set(name, token, nx=True, px=math.ceil(ttl * 1000)))
+
+    def release(self, lock_key: str, token: str) -> None:
+        self._release(keys=[self.prefix() + lock_key], args=[token])
+
+    def _names(self, prefix: str) -> t.Iterator[bytes]:
+        start = (self.prefix() + prefix).encode()
+        match = _glob_escape(start) + b"*"
+        for name in self.client.scan_iter(match=match, count=1000):
+            name = name.encode() if isinstance(name, str) else name
+            if _SESSION_TAIL.fullmatch(name, len(start)):
+                yield name
+
+    def count(self, prefix: str, now: float) -> int:
+        return sum(1 for _ in self._names(prefix))
+
+    def clear(self, prefix: str) -> int:
+        removed = 0
+        batch: list[bytes] = []
+        for name in self._names(prefix):
+            batch.append(name)
+            if len(batch) == 500:
+                removed += self.client.delete(*batch)
+                batch.clear()
+        if batch:
+            removed += self.client.delete(*batch)
+        return removed
+
+
+def _ttl_ms(expires: float) -> int:
+    return max(1, math.ceil((expires - time.time()) * 1000))
+
+
+def _redis_errors() -> tuple[type[BaseException], ...]:
+    """Connection errors of redis-py and of its fork valkey-py, if installed."""
+    errors: list[type[BaseException]] = [OSError]
+    for package in ("redis", "valkey"):
+        try:
+            exceptions = importlib.import_module(f"{package}.exceptions")
+        except ImportError:
+            continue
+        errors += [exceptions.ConnectionError, exceptions.TimeoutError]
+    return tuple(errors)
+
+
+class _MemcachedStore(_Store):
+    """Raw bytes through the cache's pymemcache client.
+
+    Memcached cannot report a key's TTL, so the value carries the expiry in
+    its header, and a touch rewrites the value with ``gets`` and ``cas``: the
+    write fails if a save came in between, or if the record was deleted.
+    """
+
+    unlisted = (
+        "Memcached cannot list its keys, so {1}() is not available; sessions"
+        " still expire on their own and can be deleted one by one."
+    )
+
+    def __init__(self, cache: MemcachedCache) -> None:
+        super().__init__(cache)
+        exceptions = importlib.import_module("pymemcache.exceptions")
+        self.errors = (OSError, exceptions.MemcacheServerError)
+
+    def _client(self) -> t.ContextManager[t.Any]:
+        return self.cache._client_context()  # type: ignore[attr-defined, no-any-return]
+
+    def _name(self, key: str) -> str:
+        return (self.cache.key_prefix or "") + key  # type: ignore[attr-defined, no-any-return]
+
+    def load(self, key: str) -> Record | None:
+        with self._client() as client:
+            return _unpack(client.get(self._name(key)), key)
+
+    def save(self, key: str, data: bytes, expires: float) -> None:
+        with self._client() as client:
+            client.set(self._name(key), _pack(data, expires), _memcached_expiry(expires), noreply=False)
+
+    def touch(self, key: str, expires: float) -> None:
+        name = self._name(key)
+        with self._client() as client:
+            value, cas = client.gets(name)
+            record = _unpack(value, key)
+            if record is not None:
+                value = _pack(record.data, expires)
+                client.cas(name, value, cas, _memcached_expiry(expires), noreply=False)
+
+    def delete(self, key: str) -> bool:
+        with self._client() as client:
+            return bool(client.delete(self._name(key), noreply=False))
+
+    def acquire(self, lock_key: str, token: str, ttl: float) -> bool:
+        with self._client() as client:
+            expire = math.ceil(ttl)
+            return bool(client.add(self._name(lock_key), token.encode(), expire, noreply=False))
+
+    def release(self, lock_key: str, token: str) -> None:
+        name = self._name(lock_key)
+        with self._client() as client:
+            value, cas = client.gets(name)
+            if value == token.encode():
+                # A negative expiry drops the item, and cas makes it conditional.
+                client.cas(name, b"", cas, -1, noreply=False)
+
+
+def _memcached_expiry(expires: float) -> int:
+    """Memcached takes TTLs up to 30 days, Unix times beyond."""
+    ttl = _ttl_seconds(expires)
+    return ttl if ttl <= _MEMCACHED_MAX_TTL else math.ceil(expires) + 1
+
+
+class _CacheStore(_Store):
+    """Any cache, through the :class:`~cachelib.BaseCache` API.
+
+    The cache serializes our bytes itself (usually by pickling them, which is
+    safe for an in-process or local cache); a value that is not our bytes is
+    ignored. A touch re-reads and rewrites the record under the lock, and a
+    delete takes the lock too, so that a touch cannot bring back a deleted
+    record. The lock is as exclusive as the cache's ``add``: across processes
+    for Memcached, within one process for :class:`~cachelib.SimpleCache`, and
+    not at all for :class:`~cachelib.FileSystemCache`, whose ``add`` checks
+    then writes.
+    """
+
+    def __init__(
+        self, cache: BaseCache, lock: t.Callable[[str], t.ContextManager[None]]
+    ) -> None:
+        super().__init__(cache)
+        self.lock = lock
+
+    def load(self, key: str) -> Record | None:
+        return _unpack(self.cache.get(key), key)
+
+    def save(self, key: str, data: bytes, expires: float) -> None:
+        if not self.cache.set(key, _pack(data, expires), timeout=_ttl_seconds(expires)):
+            raise OSError(f"{type(self.cache).__name__} did not store the record {key!r}.")
+
+    def touch(self, key: str, expires: float) -> None:
+        with self.lock(key):
+            record = self.load(key)
+            if record is not None:
+                self.save(key, record.data, expires)
+
+    def delete(self, key: str) -> bool:
+        with self.lock(key):
+            return self.cache.delete(key)
+
+    def acquire(self, lock_key: str, token: str, ttl: float) -> bool:
+        return self.cache.add(lock_key, token, timeout=math.ceil(ttl))
+
+    def release(self, lock_key: str, token: str) -> None:
+        if self.cache.get(lock_key) == token:
+            self.cache.delete(lock_key)
+
+
+class _LegacyMemcachedStore(_CacheStore):
+    unlisted = _MemcachedStore.unlisted
+
+
+class _SimpleStore(_CacheStore):
+    """A :class:`~cachelib.SimpleCache`, whose keys live in a dict.
+
+    It drops expired entries only when over its threshold, so the backend
+    removes them in :meth:`cleanup`.
+    """
+
+    cache: SimpleCache
+
+    def _keys(self, prefix: str) -> list[str]:
+        with self.cache._lock:
+            names = list(self.cache._cache)
+        start = len(prefix)
+        return [
+            name
+            for name in names
+            if name.startswith(prefix) and _SESSION_TAIL.fullmatch(name.encode(), start)
+        ]
+
+    def count(self, prefix: str, now: float) -> int:
+        records = (self.load(key) for key in self._keys(prefix))
+        return sum(1 for r in records if r is not None and r.expires > now)
+
+    def clear(self, prefix: str) -> int:
+        return sum(self.cache.delete(key) for key in self._keys(prefix))
+
+    def cleanup(self, prefix: str, now: float) -> t.Iterator[int]:
+        keys = self._keys(prefix)
+        for start in range(0, len(keys), 1000):
+            yield sum(self._remove_expired(key, now) for key in keys[start : start + 1000])
+
+    def _remove_expired(self, key: str, now: float) -> bool:
+        # The cache's own lock keeps a save from slipping in between.
+        with self.cache._lock:
+            record = self.load(key)
+            return (record is None or record.expires <= now) and self.cache.delete(key)
+
+
+class CacheLibBackend(Backend):
+    """Stores sessions in a cachelib cache.
+
+    Redis (:class:`~cachelib.RedisCache`, including one built around your
+    own client, Sentinel or cluster) and Memcached (:class:`~cachelib.MemcachedCache`
+    on pymemcache) are used through their client with raw bytes, never
+    pickles; other keys in the same cache are left alone. Other caches are
+    used through the :class:`~cachelib.BaseCache` API, see :class:`_CacheStore`.
+
+    Records expire natively, except in a :class:`~cachelib.SimpleCache`,
+    which keeps expired entries until it is full; there :meth:`cleanup`
+    removes them. :meth:`count` and :meth:`clear` work on Redis and
+    :class:`~cachelib.SimpleCache` only.
+
+    A :class:`~cachelib.MemcachedCache` on python-memcached or pylibmc works,
+    but those clients answer "missing" when the server is down, which logs
+    users out instead of failing the request: a warning says so.
+
+    :param cache: The cache.
+
+    .. versionadded:: 0.1
+    """
+
+    native_expiry = True
+
+    #: Seconds after which a lock left behind by a crashed process expires.
+    lock_ttl: float = 20.0
+
+    #: Seconds :meth:`lock` waits for another holder before raising
+    #: :exc:`TimeoutError`.
+    lock_wait: float = 10.0
+
+    def __init__(self, cache: BaseCache) -> None:
+        if not isinstance(cache, BaseCache):
+            raise ValueError(
+                f"SESSION_CACHELIB must be a cachelib.BaseCache instance or a URL"
+                f" ({_URL_FORMS}), not {cache!r}."
+            )
+        self.cache = cache
+        self._store = self._make_store(cache)
+        self.unavailable_errors = self._store.errors
+        self.native_expiry = not isinstance(self._store, _SimpleStore)
+        self._prefix: str | None = None
+        self._held: set[tuple[int, str]] = set()
+
+    def _make_store(self, cache: BaseCache) -> _Store:
+        if isinstance(cache, BaseRedisCache):
+            return _RedisStore(cache)
+        if isinstance(cache, MemcachedCache):
+            if type(cache._client).__module__.startswith("pymemcache."):
+                return _MemcachedStore(cache)
+            log.warning(
+                "The session cache is a MemcachedCache on %s, which reports a"
+                " Memcached outage as a missing key: outages will look like"
+                " logged-out users. Use memcached:// or a pymemcache client.",
+                type(cache._client).__module__,
+            )
+            return _LegacyMemcachedStore(cache, self.lock)
+        if isinstance(cache, SimpleCache):
+            return _SimpleStore(cache, self.lock)
+        return _CacheStore(cache, self.lock)
+
+    def configure(self, prefix: str) -> None:
+        """Keep the key prefix; check that Memcached keys stay in its limit."""
+        if isinstance(self.cache, MemcachedCache):
+            _check_memcached_length(self.cache, prefix)
+        self._prefix = prefix
+
+    def load(self, key: str) -> Record | None:
+        return self._store.load(key)
+
+    def save(self, key: str, data: bytes, expires: float) -> None:
+        self._store.save(key, data, expires)
+
+    def touch(self, key: str, expires: float) -> None:
+        self._store.touch(key, expires)
+
+    def delete(self, key: str) -> bool:
+        return self._store.delete(key)
+
+    @contextmanager
+    def lock(self, key: str) -> t.Iterator[None]:
+        """An exclusive section for ``key``, re-entrant within a thread.
+
+        A lock key next to the record holds a random token; only its owner
+        removes it, and it expires after :attr:`lock_ttl` if its owner died.
+
+        :raises TimeoutError: Another holder kept it for :attr:`lock_wait`.
+        """
+        owner = (threading.get_ident(), key)
+        if owner in self._held:
+            yield
+            return
+        lock_key = key + _LOCK_SUFFIX
+        token = secrets.token_hex(16)
+        self._acquire(lock_key, token)
+        self._held.add(owner)
+        try:
+            yield
+        finally:
+            self._held.discard(owner)
+            self._release(lock_key, token)
+
+    def _acquire(self, lock_key: str, token: str) -> None:
+        deadline = time.monotonic() + self.lock_wait
+        delay = 0.005
+        while not self._store.acquire(lock_key, token, self.lock_ttl):
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"The session lock {lock_key!r} is still held by another"
+                    f" request after {self.lock_wait} seconds. If its holder"
+                    f" crashed, it expires {self.lock_ttl} seconds after it was"
+                    " taken."
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def _release(self, lock_key: str, token: str) -> None:
+        try:
+            self._store.release(lock_key, token)
+        except self.unavailable_errors:
+            # The work under the lock is done; the lock expires by itself.
+            log.warning(
+                "Could not release the session lock %r; it expires within %s seconds.",
+                lock_key,
+                self.lock_ttl,
+                exc_info=True,
+            )
+
+    def count(self, now: float) -> int:
+        return self._store.count(self._configured_prefix(), now)
+
+    def clear(self) -> int:
+        return self._store.clear(self._configured_prefix())
+
+    def cleanup(self, now: float) -> t.Iterator[int]:
+        return self._store.cleanup(self._configured_prefix(), now)
+
+    def _configured_prefix(self) -> str:
+        if self._prefix is None:
+            raise RuntimeError(
+                "The backend does not know its key prefix; call configure(prefix)"
+                " (ServerSide.init_app does) before listing its records."
+            )
+        return self._prefix
+
+
+def _check_memcached_length(cache: MemcachedCache, prefix: str) -> None:
+    client_prefix = getattr(cache._client, "key_prefix", b"") or b""
+    longest = (
+        len((cache.key_prefix or "").encode())
+        + len(client_prefix)
+        + len(prefix.encode())
+        + 64
+        + len(_LOCK_SUFFIX)
+    )
+    if longest > _MEMCACHED_MAX_KEY:
+        raise ValueError(
+            f"SESSION_KEY_PREFIX {prefix!r} makes Memcached keys {longest} bytes"
+            f" long (with the cache's own key prefix), over Memcached's limit of"
+            f" {_MEMCACHED_MAX_KEY}. Use a prefix at most"
+            f" {len(prefix.encode()) - (longest - _MEMCACHED_MAX_KEY)} bytes long."
+        )

@@ -1,0 +1,228 @@
+from __future__ import annotations
+
+import importlib
+import os
+import typing as t
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+from flask import Flask
+from flask import jsonify
+from flask import session
+
+from flask_serverside import ServerSide
+from flask_serverside.backends import Backend
+from flask_serverside.backends import Record
+from flask_serverside.extension import _defaults
+from flask_serverside.extension import _make_backend
+from tests.servers import Server
+from tests.servers import ServerNotFound
+
+#: Every store the contract tests run on.
+BACKENDS = ["filesystem", "sqlite", "postgres", "simple", "redis", "memcached"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--require-servers",
+        action="store_true",
+        default=os.environ.get("CI") == "true",
+        help="Fail, instead of skipping, tests whose server is not installed.",
+    )
+
+
+def start_server(request: pytest.FixtureRequest, tmp: os.PathLike[str], name: str) -> Server:
+    """Start ``tests/servers/<name>.py``'s server, or skip when it is missing."""
+    module = importlib.import_module(f"tests.servers.{name}")
+    try:
+        return t.cast(Server, module.start(tmp))
+    except ServerNotFound as exc:
+        if request.config.getoption("--require-servers"):
+            pytest.fail(f"{name} is required (CI or --require-servers): {exc}")
+        pytest.skip(str(exc))
+
+
+def _server_fixture(name: str) -> t.Any:
+    @pytest.fixture(scope="session", name=f"{name}_server")
+    def fixture(
+        request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    ) -> Iterator[Server]:
+        server = start_server(request, tmp_path_factory.mktemp(name), name)
+        yield server
+        server.stop()
+
+    return fixture
+
+
+postgres_server = _server_fixture("postgres")
+redis_server = _server_fixture("redis")
+memcached_server = _server_fixture("memcached")
+
+
+class CountingBackend(Backend):
+    """A real backend that records which of its methods were called, and
+    with which keys, so tests can say what a request cost."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.calls: Counter[str] = Counter()
+        self.keys: list[str] = []
+        self.unavailable_errors = inner.unavailable_errors
+        self.native_expiry = inner.native_expiry
+
+    def _note(self, name: str, key: str | None = None) -> None:
+        self.calls[name] += 1
+        if key is not None:
+            self.keys.append(key)
+
+    def load(self, key: str) -> Record | None:
+        self._note("load", key)
+        return self.inner.load(key)
+
+    def save(self, key: str, data: bytes, expires: float) -> None:
+        self._note("save", key)
+        self.inner.save(key, data, expires)
+
+    def touch(self, key: str, expires: float) -> None:
+        self._note("touch", key)
+        self.inner.touch(key, expires)
+
+    def delete(self, key: str) -> bool:
+        self._note("delete", key)
+        return self.inner.delete(key)
+
+    def lock(self, key: str) -> t.Any:
+        self._note("lock", key)
+        return self.inner.lock(key)
+
+    def cleanup(self, now: float) -> Iterator[int]:
+        self._note("cleanup")
+        return self.inner.cleanup(now)
+
+    def count(self, now: float) -> int:
+        return self.inner.count(now)
+
+    def clear(self) -> int:
+        return self.inner.clear()
+
+    def configure(self, prefix: str) -> None:
+        self.inner.configure(prefix)
+
+    @property
+    def total(self) -> int:
+        return sum(self.calls.values())
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_name(request: pytest.FixtureRequest) -> str:
+    return t.cast(str, request.param)
+
+
+@pytest.fixture
+def backend_config(backend_name: str, request: pytest.FixtureRequest) -> dict[str, t.Any]:
+    """The ``SESSION_*`` config that selects the store, isolated per test."""
+    unique = "t" + uuid.uuid4().hex[:12]
+    if backend_name == "filesystem":
+        return {}
+    if backend_name == "sqlite":
+        return {"SESSION_BACKEND": "sqlalchemy"}
+    if backend_name == "postgres":
+        server = request.getfixturevalue("postgres_server")
+        return {
+            "SESSION_BACKEND": "sqlalchemy",
+            "SESSION_SQLALCHEMY_URL": server.url,
+            "SESSION_SQLALCHEMY_TABLE": unique,
+        }
+    if backend_name == "simple":
+        return {"SESSION_BACKEND": "cachelib", "SESSION_CACHELIB": "simple://"}
+    server = request.getfixturevalue(f"{backend_name}_server")
+    return {
+        "SESSION_BACKEND": "cachelib",
+        "SESSION_CACHELIB": server.url,
+        "SESSION_KEY_PREFIX": f"{unique}:",
+    }
+
+
+def add_routes(app: Flask) -> None:
+    """The views the tests drive the session with."""
+
+    @app.get("/nothing")
+    def nothing() -> str:
+        return "nothing"
+
+    @app.get("/sid")
+    def sid() -> str:
+        return t.cast(str, session.sid)  # type: ignore[attr-defined]
+
+    @app.get("/get/<key>")
+    def get(key: str) -> t.Any:
+        return jsonify(session.get(key))
+
+    @app.get("/dump")
+    def dump() -> t.Any:
+        return jsonify(dict(session))
+
+    @app.get("/set/<key>/<value>")
+    def set_(key: str, value: str) -> str:
+        session[key] = value
+        return "ok"
+
+    @app.get("/append/<key>/<value>")
+    def append(key: str, value: str) -> str:
+        session.setdefault(key, []).append(value)
+        return "ok"
+
+    @app.get("/delete/<key>")
+    def delete(key: str) -> str:
+        session.pop(key, None)
+        return "ok"
+
+    @app.get("/clear")
+    def clear() -> str:
+        session.clear()
+        return "ok"
+
+    @app.get("/regenerate")
+    def regenerate() -> str:
+        session.regenerate()  # type: ignore[attr-defined]
+        return "ok"
+
+    @app.get("/destroy")
+    def destroy() -> str:
+        session.destroy()  # type: ignore[attr-defined]
+        return "ok"
+
+
+def build_app(
+    instance_path: os.PathLike[str] | str, config: dict[str, t.Any], count: bool = True
+) -> Flask:
+    """A test app on the configured store, with :class:`CountingBackend`
+    around it when ``count`` is true (``app.backend``)."""
+    app = Flask(__name__, instance_path=os.fspath(instance_path))
+    app.config.update({"SECRET_KEY": "test secret", "TESTING": True, **config})
+    if count:
+        settings = {**_defaults(app), **config}
+        app.config["SESSION_BACKEND"] = CountingBackend(_make_backend(settings))
+    ServerSide(app)
+    app.backend = app.config["SESSION_BACKEND"]  # type: ignore[attr-defined]
+    add_routes(app)
+    return app
+
+
+@pytest.fixture
+def make_app(
+    tmp_path: os.PathLike[str], backend_config: dict[str, t.Any]
+) -> t.Callable[..., Flask]:
+    """Build a test app on the store under test, with extra config."""
+
+    def make(**config: t.Any) -> Flask:
+        return build_app(tmp_path, {**backend_config, **config})
+
+    return make
+
+
+@pytest.fixture
+def app(make_app: t.Callable[..., Flask]) -> Flask:
+    return make_app()

@@ -1,0 +1,212 @@
+"""ServerSide itself: configuration, registration, Flask-Login."""
+
+from __future__ import annotations
+
+import typing as t
+
+import pytest
+from flask import Flask
+from flask import session
+
+from flask_serverside import ServerSide
+from flask_serverside import ServerSideSessionInterface
+from flask_serverside import signals
+from tests.conftest import add_routes
+from tests.test_contract import session_cookie
+
+
+def make(tmp_path: t.Any, **config: t.Any) -> Flask:
+    app = Flask(__name__, instance_path=str(tmp_path))
+    app.config.update(SECRET_KEY="secret", **config)
+    return app
+
+
+def test_init_app_registers_everything(tmp_path: t.Any) -> None:
+    app = make(tmp_path)
+    ext = ServerSide()
+    ext.init_app(app)
+    assert app.extensions["serverside"] is ext
+    assert isinstance(app.session_interface, ServerSideSessionInterface)
+    assert "sessions" in app.cli.commands
+    assert not hasattr(ext, "app")
+
+
+def test_init_app_twice_is_an_error(tmp_path: t.Any) -> None:
+    app = make(tmp_path)
+    ext = ServerSide(app)
+    with pytest.raises(RuntimeError, match="already registered"):
+        ext.init_app(app)
+
+
+def test_defaults(tmp_path: t.Any) -> None:
+    app = make(tmp_path)
+    ServerSide(app)
+    config = app.config
+    assert config["SESSION_BACKEND"] == "filesystem"
+    assert config["SESSION_FILE_DIR"] == str(tmp_path / "sessions")
+    assert config["SESSION_SQLALCHEMY_URL"] == f"sqlite:///{tmp_path}/sessions.sqlite3"
+    assert config["SESSION_SQLALCHEMY_TABLE"] == "sessions"
+    assert config["SESSION_KEY_PREFIX"] == "session:"
+    assert config["SESSION_ID_BYTES"] == 32
+    assert config["SESSION_MAX_BYTES"] == 262144
+    assert config["SESSION_TOUCH_INTERVAL"] == 60
+    assert config["SESSION_CLEANUP_INTERVAL"] == 3600
+    assert config["SESSION_SERIALIZER"] == "json"
+    assert config["SESSION_PERMANENT"] is True
+    assert config["SESSION_SIGN_ID"] is False
+    assert config["SESSION_PROTECT_LOGIN"] is True
+    assert config["SESSION_SQLALCHEMY_CREATE_TABLE"] is True
+    assert config["SESSION_SQLALCHEMY_ENGINE"] is None
+    assert config["SESSION_CACHELIB"] is None
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("SESSION_BACKEND", "mongodb"),
+        ("SESSION_BACKEND", None),
+        ("SESSION_ID_BYTES", 15),
+        ("SESSION_ID_BYTES", 65),
+        ("SESSION_ID_BYTES", "32"),
+        ("SESSION_ID_BYTES", True),
+        ("SESSION_MAX_BYTES", 0),
+        ("SESSION_TOUCH_INTERVAL", -1),
+        ("SESSION_TOUCH_INTERVAL", "60"),
+        ("SESSION_CLEANUP_INTERVAL", -5),
+        ("SESSION_SERIALIZER", "pickle"),
+        ("SESSION_PERMANENT", "yes"),
+        ("SESSION_SIGN_ID", 1),
+        ("SESSION_PROTECT_LOGIN", None),
+        ("SESSION_KEY_PREFIX", ""),
+        ("SESSION_KEY_PREFIX", "has space"),
+        ("SESSION_KEY_PREFIX", "x" * 101),
+        ("SESSION_FILE_DIR", ""),
+    ],
+)
+def test_bad_values_name_key_and_value(tmp_path: t.Any, key: str, value: t.Any) -> None:
+    app = make(tmp_path, **{key: value})
+    with pytest.raises(ValueError) as info:
+        ServerSide(app)
+    assert key in str(info.value) and repr(value)[:20] in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("SESSION_SQLALCHEMY_TABLE", "drop table;"),
+        ("SESSION_SQLALCHEMY_URL", "not a url"),
+        ("SESSION_SQLALCHEMY_ENGINE", "sqlite://"),
+        ("SESSION_SQLALCHEMY_CREATE_TABLE", "no"),
+    ],
+)
+def test_bad_sql_values(tmp_path: t.Any, key: str, value: t.Any) -> None:
+    app = make(tmp_path, SESSION_BACKEND="sqlalchemy", **{key: value})
+    with pytest.raises(ValueError, match=key):
+        ServerSide(app)
+
+
+@pytest.mark.parametrize("value", [None, 42, "ftp://host", "redis://host:notaport"])
+def test_bad_cachelib_values(tmp_path: t.Any, value: t.Any) -> None:
+    app = make(tmp_path, SESSION_BACKEND="cachelib", SESSION_CACHELIB=value)
+    with pytest.raises(ValueError, match="SESSION_CACHELIB"):
+        ServerSide(app)
+
+
+def test_cleanup_interval_off(tmp_path: t.Any) -> None:
+    for value in (0, None):
+        app = make(tmp_path, SESSION_CLEANUP_INTERVAL=value)
+        ServerSide(app)
+        assert app.session_interface.cleanup_interval is None  # type: ignore[attr-defined]
+
+
+def test_one_instance_serves_several_apps(tmp_path: t.Any) -> None:
+    ext = ServerSide()
+    first, second = make(tmp_path / "a"), make(tmp_path / "b")
+    for app in (first, second):
+        ext.init_app(app)
+        add_routes(app)
+    sid = session_cookie(first.test_client().get("/set/a/1"))
+    assert sid
+    with first.app_context():
+        assert ext.get(sid) == {"a": "1"}
+    with second.app_context():
+        assert ext.get(sid) is None
+
+
+def test_init_app_needs_no_running_store(tmp_path: t.Any) -> None:
+    app = make(
+        tmp_path,
+        SESSION_BACKEND="sqlalchemy",
+        SESSION_SQLALCHEMY_URL="postgresql+psycopg2://nobody@127.0.0.1:1/none",
+    )
+    ServerSide(app)
+    add_routes(app)
+    app.testing = False
+    client = app.test_client()
+    assert client.get("/nothing").status_code == 200
+    assert client.get("/set/a/1").status_code == 503
+
+
+def test_signing_without_secret_key_says_what_to_do(tmp_path: t.Any) -> None:
+    app = Flask(__name__, instance_path=str(tmp_path))
+    app.config.update(SESSION_SIGN_ID=True, TESTING=True)
+    ServerSide(app)
+    add_routes(app)
+    with pytest.raises(RuntimeError, match="SECRET_KEY"):
+        app.test_client().get("/set/a/1")
+
+
+class TestFlaskLogin:
+    def make_app(self, tmp_path: t.Any, **config: t.Any) -> Flask:
+        flask_login = pytest.importorskip("flask_login")
+
+        class User(flask_login.UserMixin):  # type: ignore[name-defined, misc]
+            id = "7"
+
+        app = make(tmp_path, **config)
+        ServerSide(app)
+        manager = flask_login.LoginManager(app)
+        manager.user_loader(lambda uid: User() if uid == "7" else None)
+
+        @app.get("/login")
+        def login() -> str:
+            session["cart"] = ["apple"]
+            flask_login.login_user(User())
+            return "in"
+
+        @app.get("/logout")
+        def logout() -> str:
+            flask_login.logout_user()
+            return "out"
+
+        @app.get("/me")
+        def me() -> str:
+            user = flask_login.current_user
+            return "anonymous" if user.is_anonymous else str(user.id)
+
+        return app
+
+    def test_login_regenerates_and_logout_destroys(self, tmp_path: t.Any) -> None:
+        app = self.make_app(tmp_path)
+        client = app.test_client()
+        client.get("/login")
+        before = session_cookie(client.get("/me"))
+        events: list[str] = []
+        with signals.session_regenerated.connected_to(lambda s, **kw: events.append("regen")):
+            after = session_cookie(client.get("/login"))
+        assert before and after and after != before and events == ["regen"]
+        assert client.get("/me").text == "7"
+        with app.app_context():
+            assert app.extensions["serverside"].get(before) is None
+        response = client.get("/logout")
+        assert session_cookie(response) == ""
+        with app.app_context():
+            assert app.extensions["serverside"].get(after) is None
+        assert client.get("/me").text == "anonymous"
+
+    def test_protection_can_be_turned_off(self, tmp_path: t.Any) -> None:
+        app = self.make_app(tmp_path, SESSION_PROTECT_LOGIN=False)
+        client = app.test_client()
+        first = session_cookie(client.get("/login"))
+        assert session_cookie(client.get("/login")) in (first, None)
+        assert client.get("/me").text == "7"

@@ -1,0 +1,229 @@
+"""What is peculiar to the filesystem backend."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import threading
+import time
+import typing as t
+
+import pytest
+from flask import Flask
+from flask import session
+
+from flask_serverside import ids
+from flask_serverside.backends.filesystem import STALE_TMP_SECONDS
+from flask_serverside.backends.filesystem import FileSystemBackend
+from tests.conftest import build_app
+from tests.test_contract import session_cookie
+from tests.test_contract import start_session
+
+
+@pytest.fixture
+def app(tmp_path: t.Any) -> Flask:
+    return build_app(tmp_path, {}, count=False)
+
+
+def record_files(directory: str) -> list[str]:
+    return [
+        os.path.join(root, name)
+        for root, _, names in os.walk(directory)
+        for name in names
+        if not name.startswith(".")
+    ]
+
+
+def test_default_directory_and_permissions(app: Flask, tmp_path: t.Any) -> None:
+    old = os.umask(0o022)
+    try:
+        start_session(app.test_client(), a="1")
+    finally:
+        os.umask(old)
+    directory = os.path.join(tmp_path, "sessions")
+    assert app.config["SESSION_FILE_DIR"] == directory
+    (path,) = record_files(directory)
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_permissions_survive_a_restrictive_umask(tmp_path: t.Any) -> None:
+    backend = FileSystemBackend(tmp_path / "s")
+    old = os.umask(0o277)
+    try:
+        backend.save("session:" + "ab" * 32, b"{}", time.time() + 60)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "s").st_mode) == 0o700
+    (path,) = record_files(str(tmp_path / "s"))
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_records_are_sharded_and_named_by_hash(app: Flask, tmp_path: t.Any) -> None:
+    sids = [start_session(app.test_client(), a="1") for _ in range(40)]
+    files = record_files(os.path.join(tmp_path, "sessions"))
+    assert len(files) == 40
+    for path in files:
+        name = os.path.basename(path)
+        assert name.startswith("session%3A") and len(name) == len("session%3A") + 64
+        assert os.path.basename(os.path.dirname(path)) == name[-2:]
+        assert not any(sid in path for sid in sids)
+
+
+def test_lock_files_do_not_pile_up(tmp_path: t.Any) -> None:
+    backend = FileSystemBackend(tmp_path)
+    for i in range(2000):
+        with backend.lock(f"session:{i:064x}"):
+            pass
+    locks = [p for p in tmp_path.rglob(".lock")]
+    assert len(locks) == 256
+
+
+def test_lock_excludes_threads(tmp_path: t.Any) -> None:
+    backend = FileSystemBackend(tmp_path)
+    key = "session:" + "cd" * 32
+    backend.save(key, b"0", time.time() + 60)
+
+    def work() -> None:
+        for _ in range(100):
+            with backend.lock(key):
+                record = backend.load(key)
+                assert record is not None
+                backend.save(key, str(int(record.data) + 1).encode(), record.expires)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    record = backend.load(key)
+    assert record is not None and record.data == b"400"
+
+
+def test_nothing_live_is_evicted(app: Flask, tmp_path: t.Any) -> None:
+    sids = [start_session(app.test_client(), a="1") for _ in range(600)]
+    with app.app_context():
+        ext = app.extensions["serverside"]
+        assert ext.cleanup() == 0
+        assert ext.count() == 600
+        assert all(ext.get(sid) == {"a": "1"} for sid in sids[::50])
+
+
+def test_cleanup_removes_expired_and_stale_temp_files(tmp_path: t.Any) -> None:
+    backend = FileSystemBackend(tmp_path)
+    now = time.time()
+    live, dead = "session:" + "01" * 32, "session:" + "02" * 32
+    backend.save(live, b"{}", now + 60)
+    backend.save(dead, b"{}", now - 1)
+    shard = tmp_path / "01"
+    stale, fresh = shard / ".tmp-stale", shard / ".tmp-fresh"
+    stale.write_bytes(b"torn")
+    fresh.write_bytes(b"being written")
+    os.utime(stale, (now - STALE_TMP_SECONDS - 1,) * 2)
+    assert sum(backend.cleanup(now)) == 1
+    assert backend.load(live) is not None and backend.load(dead) is None
+    assert not stale.exists() and fresh.exists()
+
+
+def test_touch_never_creates(tmp_path: t.Any) -> None:
+    backend = FileSystemBackend(tmp_path)
+    backend.touch("session:" + "03" * 32, time.time() + 60)
+    assert record_files(str(tmp_path)) == []
+
+
+def test_corrupt_header_is_a_missing_session(
+    tmp_path: t.Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = FileSystemBackend(tmp_path)
+    key = "session:" + "04" * 32
+    backend.save(key, b"{}", time.time() + 60)
+    (path,) = record_files(str(tmp_path))
+    with open(path, "wb") as f:
+        f.write(b"garbage")
+    with caplog.at_level(logging.WARNING, "flask_serverside"):
+        assert backend.load(key) is None
+    assert "not a valid record" in caplog.text
+
+
+def test_unwritable_directory_is_unavailable(tmp_path: t.Any) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    app = build_app(tmp_path, {"SESSION_FILE_DIR": str(blocker / "sessions")}, count=False)
+    app.testing = False
+    client = app.test_client()
+    client.set_cookie("session", ids.generate(32))
+    assert client.get("/nothing").status_code == 200
+    response = client.get("/get/a")
+    assert response.status_code == 503
+    assert "session store is not available" in response.text
+    assert client.get("/set/a/1").status_code == 503
+
+
+def test_failed_save_keeps_old_record(tmp_path: t.Any, caplog: pytest.LogCaptureFixture) -> None:
+    app = build_app(tmp_path, {}, count=False)
+    app.testing = False
+
+    @app.get("/break-then-set")
+    def break_then_set() -> str:
+        session.get("a")
+        # The store fails between load and save: its shard is no directory.
+        os.rename(shard, moved)
+        shard.write_text("not a directory")
+        session["a"] = "2"
+        return "ok"
+
+    client = app.test_client()
+    sid = start_session(client, a="1")
+    shard = next((tmp_path / "sessions").iterdir())
+    moved = tmp_path / "moved"
+    response = client.get("/break-then-set")
+    shard.unlink()
+    os.rename(moved, shard)
+    assert response.status_code == 503
+    assert "Set-Cookie" not in response.headers
+    assert "Session store unavailable while saving" in caplog.text
+    with app.app_context():
+        assert app.extensions["serverside"].get(sid) == {"a": "1"}
+
+
+def test_automatic_cleanup_runs_after_the_response(tmp_path: t.Any) -> None:
+    app = build_app(tmp_path, {"SESSION_CLEANUP_INTERVAL": 3600}, count=False)
+    seen: list[bool] = []
+    backend = app.session_interface.store.backend  # type: ignore[attr-defined]
+    dead = "session:" + "05" * 32
+
+    @app.get("/check")
+    def check() -> str:
+        seen.append(backend.load(dead) is not None)
+        return "ok"
+
+    backend.save(dead, b"{}", time.time() - 1)
+    response = app.test_client().get("/check")
+    assert backend.load(dead) is not None, "not before the response is closed"
+    response.close()
+    assert seen == [True]
+    assert backend.load(dead) is None
+    backend.save(dead, b"{}", time.time() - 1)
+    app.test_client().get("/check").close()
+    assert backend.load(dead) is not None, "runs at most once per interval"
+
+
+def test_automatic_cleanup_can_be_turned_off(tmp_path: t.Any) -> None:
+    app = build_app(tmp_path, {"SESSION_CLEANUP_INTERVAL": 0}, count=False)
+    backend = app.session_interface.store.backend  # type: ignore[attr-defined]
+    dead = "session:" + "06" * 32
+    backend.save(dead, b"{}", time.time() - 1)
+    app.test_client().get("/nothing").close()
+    assert os.path.exists(tmp_path / "sessions" / "06")
+    assert record_files(str(tmp_path / "sessions"))
+
+
+def test_session_survives_an_app_restart(tmp_path: t.Any) -> None:
+    client = build_app(tmp_path, {}, count=False).test_client()
+    sid = session_cookie(client.get("/set/a/1"))
+    restarted = build_app(tmp_path, {}, count=False).test_client()
+    assert sid
+    restarted.set_cookie("session", sid)
+    assert restarted.get("/get/a").json == "1"
