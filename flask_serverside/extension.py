@@ -234,8 +234,8 @@ def _sqlalchemy_backend(config: t.Mapping[str, t.Any]) -> Backend:
 def _cachelib_backend(config: t.Mapping[str, t.Any]) -> Backend:
     from cachelib import BaseCache
 
-    from .backends.cachelib import CacheLibBackend
     from .backends.cachelib import cache_from_url
+    from .backends.cachelib import CacheLibBackend
 
     cache = config["SESSION_CACHELIB"]
     if isinstance(cache, str):

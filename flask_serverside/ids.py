@@ -7,7 +7,8 @@ import re
 import secrets
 import typing as t
 
-from itsdangerous import BadSignature, Signer
+from itsdangerous import BadSignature
+from itsdangerous import Signer
 
 #: The fewest and most random bytes a session ID may carry.
 MIN_BYTES = 16
@@ -37,7 +38,7 @@ def storage_key(prefix: str, sid: str) -> str:
 
 def _signer(keys: t.Sequence[str | bytes]) -> Signer:
     # itsdangerous signs with the last key and verifies with all of them.
-    return Signer(list(keys), salt=_SALT, digest_method=hashlib.sha256)
+    return Signer(list(keys), salt=_SALT, digest_method=hashlib.sha256)  # type: ignore[arg-type]
 
 
 def sign(sid: str, keys: t.Sequence[str | bytes]) -> str:

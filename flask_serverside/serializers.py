@@ -60,7 +60,7 @@ class MsgpackSerializer:
         return self._encoder.encode(data)
 
     def loads(self, data: bytes) -> dict[str, t.Any]:
-        return self._decoder.decode(data)  # type: ignore[no-any-return]
+        return self._decoder.decode(data)
 
 
 def get_serializer(value: str | Serializer) -> Serializer:

@@ -116,7 +116,7 @@ class ServerSideSession(SessionMixin):
         state = repr(self._data) if self._data is not None else "not loaded"
         return f"<{type(self).__name__} {state}>"
 
-    @property  # type: ignore[override]
+    @property
     def permanent(self) -> bool:
         """Whether the cookie outlives the browser session.
 

@@ -9,7 +9,8 @@ offers an exclusive section per key.
 from __future__ import annotations
 
 import typing as t
-from abc import ABC, abstractmethod
+from abc import ABC
+from abc import abstractmethod
 from contextlib import AbstractContextManager
 
 
