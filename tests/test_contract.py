@@ -356,7 +356,12 @@ class TestContract:
         assert signed and "." in signed
         sid = signed.split(".")[0]
 
-        rotated = make_app(SESSION_SIGN_ID=True, SECRET_KEY="new", SECRET_KEY_FALLBACKS=["old"])
+        rotated = make_app(
+            SESSION_BACKEND=app.backend.inner,  # type: ignore[attr-defined]
+            SESSION_SIGN_ID=True,
+            SECRET_KEY="new",
+            SECRET_KEY_FALLBACKS=["old"],
+        )
         rotated_client = rotated.test_client()
         rotated_client.set_cookie("session", signed)
         response = rotated_client.get("/get/a")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import secrets
@@ -52,14 +53,12 @@ class FileSystemBackend(Backend):
         self.directory = os.fspath(directory)
 
     def _shard(self, key: str) -> str:
-        return os.path.join(self.directory, key[-2:])
+        return f"{self.directory}/{key[-2:]}"
 
     def _path(self, key: str) -> str:
-        name = quote(key, safe="")
-        if name.startswith("."):
-            # Names starting with a dot are the lock and temporary files.
-            name = "%2E" + name[1:]
-        return os.path.join(self._shard(key), name)
+        # Keys are a prefix and a hex digest: only the prefix needs escaping.
+        name = _escape(key[:-64]) + key[-64:]
+        return f"{self.directory}/{key[-2:]}/{name}"
 
     def load(self, key: str) -> Record | None:
         try:
@@ -181,6 +180,15 @@ class FileSystemBackend(Backend):
         for entry in _scan(self.directory):
             if entry.is_dir(follow_symlinks=False) and len(entry.name) == 2:
                 yield entry.path
+
+
+@functools.lru_cache(maxsize=32)
+def _escape(prefix: str) -> str:
+    name = quote(prefix, safe="")
+    if name.startswith("."):
+        # Names starting with a dot are the lock and temporary files.
+        name = "%2E" + name[1:]
+    return name
 
 
 def _parse(raw: bytes, key: str) -> Record | None:
