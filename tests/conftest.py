@@ -11,12 +11,12 @@ import pytest
 from flask import Flask
 from flask import jsonify
 from flask import session
+
 from flask_serverside import ServerSide
 from flask_serverside.backends import Backend
 from flask_serverside.backends import Record
 from flask_serverside.extension import _defaults
 from flask_serverside.extension import _make_backend
-
 from tests.servers import Server
 from tests.servers import ServerNotFound
 

@@ -29,9 +29,9 @@ def test_count(app: Flask, backend_name: str) -> None:
 def test_delete(make_app: t.Callable[..., Flask]) -> None:
     app = make_app()
     sid = start_session(app.test_client(), a="1")
-    result = invoke(app, "delete", sid)
+    result = invoke(app, "delete", "--", sid)
     assert result.exit_code == 0 and stored(app, sid) is None
-    result = invoke(app, "delete", sid)
+    result = invoke(app, "delete", "--", sid)
     assert result.exit_code == 1 and "No such session" in result.output
 
 
@@ -39,7 +39,7 @@ def test_delete_signed_cookie_value(make_app: t.Callable[..., Flask]) -> None:
     app = make_app(SESSION_SIGN_ID=True)
     signed = session_cookie(app.test_client().get("/set/a/1"))
     assert signed and "." in signed
-    assert invoke(app, "delete", signed).exit_code == 0
+    assert invoke(app, "delete", "--", signed).exit_code == 0
     assert stored(app, signed.split(".")[0]) is None
 
 

@@ -15,12 +15,12 @@ import pytest
 from flask import Flask
 from flask import session
 from flask.testing import FlaskClient
-from flask_serverside import ids
-from flask_serverside import SessionTooLarge
-from flask_serverside import signals
 from markupsafe import Markup
 from werkzeug.http import parse_cookie
 
+from flask_serverside import ids
+from flask_serverside import SessionTooLarge
+from flask_serverside import signals
 from tests.conftest import build_app
 
 MALFORMED_COOKIES = [

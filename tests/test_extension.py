@@ -7,10 +7,10 @@ import typing as t
 import pytest
 from flask import Flask
 from flask import session
+
 from flask_serverside import ServerSide
 from flask_serverside import ServerSideSessionInterface
 from flask_serverside import signals
-
 from tests.conftest import add_routes
 from tests.test_contract import session_cookie
 

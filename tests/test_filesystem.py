@@ -12,10 +12,10 @@ import typing as t
 import pytest
 from flask import Flask
 from flask import session
+
 from flask_serverside import ids
 from flask_serverside.backends.filesystem import FileSystemBackend
 from flask_serverside.backends.filesystem import STALE_TMP_SECONDS
-
 from tests.conftest import build_app
 from tests.test_contract import session_cookie
 from tests.test_contract import start_session

@@ -22,7 +22,11 @@ import sys
 import threading
 import time
 import typing as t
+import weakref
+from abc import ABC
+from abc import abstractmethod
 from contextlib import contextmanager
+from contextlib import nullcontext
 from urllib.parse import unquote
 from urllib.parse import urlsplit
 
@@ -30,7 +34,6 @@ from cachelib import BaseCache
 from cachelib import MemcachedCache
 from cachelib import RedisCache
 from cachelib import SimpleCache
-from cachelib.redis_base import BaseRedisCache
 
 from .base import Backend
 from .base import Record
@@ -131,21 +134,28 @@ def _memcached_cache(url: str, rest: str) -> MemcachedCache:
         if not parts.hostname or parts.username or parts.path or parts.query:
             raise _bad_url(url, f"{item!r} is not a host:port pair")
         servers.append((parts.hostname, port or 11211))
-    hash_client = _import("pymemcache.client.hash", url)
-    client = hash_client.HashClient(
-        servers,
-        use_pooling=True,
-        connect_timeout=SOCKET_TIMEOUT,
-        timeout=SOCKET_TIMEOUT,
-        default_noreply=False,
-        # A server that failed is retried on every call and raises again
-        # while it is down; HashClient's defaults would answer "missing"
-        # between retries, or move its keys to another server.
-        ignore_exc=False,
-        retry_attempts=sys.maxsize,
-        retry_timeout=0,
-    )
-    return MemcachedCache(client)
+    pymemcache = _import("pymemcache", url)
+    # Errors raise (ignore_exc=False); every command waits for its reply.
+    options = {
+        "connect_timeout": SOCKET_TIMEOUT,
+        "timeout": SOCKET_TIMEOUT,
+        "ignore_exc": False,
+        "default_noreply": False,
+    }
+    if len(servers) == 1:
+        client = pymemcache.PooledClient(servers[0], **options)
+    else:
+        # A server that failed is tried again on every call and raises while
+        # it is down; HashClient's defaults would answer "missing" between
+        # retries, then move the server's keys to the others.
+        client = pymemcache.HashClient(
+            servers, use_pooling=True, retry_attempts=sys.maxsize, retry_timeout=0, **options
+        )
+    cache = MemcachedCache(client)
+    # Nobody else holds this client: close its sockets with the cache, as
+    # redis-py does for its own, instead of leaving them to the collector.
+    weakref.finalize(cache, client.close)
+    return cache
 
 
 def _import(module: str, url: str) -> t.Any:
@@ -190,7 +200,7 @@ def _glob_escape(text: bytes) -> bytes:
     return re.sub(rb"([*?\[\]\\])", rb"\\\1", text)
 
 
-class _Store:
+class _Store(ABC):
     """The operations a kind of cache offers the backend."""
 
     errors: tuple[type[BaseException], ...] = (OSError,)
@@ -199,25 +209,29 @@ class _Store:
     def __init__(self, cache: BaseCache) -> None:
         self.cache = cache
 
+    @abstractmethod
     def load(self, key: str) -> Record | None:
-        raise NotImplementedError
+        """The record under ``key``, or ``None`` if missing or not a record."""
 
+    @abstractmethod
     def save(self, key: str, data: bytes, expires: float) -> None:
-        raise NotImplementedError
+        """Replace the record under ``key``."""
 
+    @abstractmethod
     def touch(self, key: str, expires: float) -> None:
-        raise NotImplementedError
+        """Move the expiry of an existing record; never create one."""
 
+    @abstractmethod
     def delete(self, key: str) -> bool:
-        raise NotImplementedError
+        """Remove the record; return whether there was one."""
 
+    @abstractmethod
     def acquire(self, lock_key: str, token: str, ttl: float) -> bool:
         """Create ``lock_key`` holding ``token`` unless it exists."""
-        raise NotImplementedError
 
+    @abstractmethod
     def release(self, lock_key: str, token: str) -> None:
         """Remove ``lock_key`` if it still holds ``token``."""
-        raise NotImplementedError
 
     def count(self, prefix: str, now: float) -> int:
         raise NotImplementedError(self.unlisted.format(type(self.cache).__name__, "count"))
@@ -241,14 +255,16 @@ class _RedisStore(_Store):
         " return redis.call('del', KEYS[1]) end return 0"
     )
 
-    def __init__(self, cache: BaseRedisCache) -> None:
+    def __init__(self, cache: BaseCache, client: t.Any) -> None:
         super().__init__(cache)
-        # The write client for reads too: the re-read under the lock must
-        # not come from a lagging replica.
-        self.client = cache._write_client
-        self.prefix = cache._get_prefix
+        self.client = client
         self.errors = _redis_errors()
-        self._release = self.client.register_script(self._RELEASE)
+        self._release = client.register_script(self._RELEASE)
+
+    def prefix(self) -> str:
+        """cachelib's ``key_prefix``: a string, or a function returning one."""
+        prefix = getattr(self.cache, "key_prefix", None)
+        return (prefix() if callable(prefix) else prefix) or ""
 
     def load(self, key: str) -> Record | None:
         name = self.prefix() + key
@@ -326,6 +342,7 @@ class _MemcachedStore(_Store):
     write fails if a save came in between, or if the record was deleted.
     """
 
+    cache: MemcachedCache
     unlisted = (
         "Memcached cannot list its keys, so {1}() is not available; sessions"
         " still expire on their own and can be deleted one by one."
@@ -337,18 +354,23 @@ class _MemcachedStore(_Store):
         self.errors = (OSError, exceptions.MemcacheServerError)
 
     def _client(self) -> t.ContextManager[t.Any]:
-        return self.cache._client_context()  # type: ignore[attr-defined, no-any-return]
+        # cachelib >= 0.15 may hand out clients from a pool.
+        context = getattr(self.cache, "_client_context", None)
+        return context() if context else nullcontext(self.cache._client)
 
     def _name(self, key: str) -> str:
-        return (self.cache.key_prefix or "") + key  # type: ignore[attr-defined, no-any-return]
+        return (self.cache.key_prefix or "") + key
 
     def load(self, key: str) -> Record | None:
         with self._client() as client:
             return _unpack(client.get(self._name(key)), key)
 
     def save(self, key: str, data: bytes, expires: float) -> None:
+        value = _pack(data, expires)
         with self._client() as client:
-            client.set(self._name(key), _pack(data, expires), _memcached_expiry(expires), noreply=False)
+            # A client told to ignore errors answers False instead.
+            if not client.set(self._name(key), value, _memcached_expiry(expires), noreply=False):
+                raise OSError(f"Memcached did not store the record {key!r}.")
 
     def touch(self, key: str, expires: float) -> None:
         name = self._name(key)
@@ -396,9 +418,7 @@ class _CacheStore(_Store):
     then writes.
     """
 
-    def __init__(
-        self, cache: BaseCache, lock: t.Callable[[str], t.ContextManager[None]]
-    ) -> None:
+    def __init__(self, cache: BaseCache, lock: t.Callable[[str], t.ContextManager[None]]) -> None:
         super().__init__(cache)
         self.lock = lock
 
@@ -476,11 +496,16 @@ class CacheLibBackend(Backend):
     own client, Sentinel or cluster) and Memcached (:class:`~cachelib.MemcachedCache`
     on pymemcache) are used through their client with raw bytes, never
     pickles; other keys in the same cache are left alone. Other caches are
-    used through the :class:`~cachelib.BaseCache` API, see :class:`_CacheStore`.
+    used through the :class:`~cachelib.BaseCache` API: they pickle our bytes
+    themselves, which is safe in the process or on the local disk, and their
+    lock is as exclusive as their ``add`` (a
+    :class:`~cachelib.FileSystemCache`'s is not, across processes).
 
     Records expire natively, except in a :class:`~cachelib.SimpleCache`,
     which keeps expired entries until it is full; there :meth:`cleanup`
-    removes them. :meth:`count` and :meth:`clear` work on Redis and
+    removes them. Give a SimpleCache of your own a ``threshold`` well above
+    the number of live sessions (``simple://`` does), or it evicts some.
+    :meth:`count` and :meth:`clear` work on Redis and
     :class:`~cachelib.SimpleCache` only.
 
     A :class:`~cachelib.MemcachedCache` on python-memcached or pylibmc works,
@@ -503,20 +528,23 @@ class CacheLibBackend(Backend):
 
     def __init__(self, cache: BaseCache) -> None:
         if not isinstance(cache, BaseCache):
-            raise ValueError(
+            raise TypeError(
                 f"SESSION_CACHELIB must be a cachelib.BaseCache instance or a URL"
                 f" ({_URL_FORMS}), not {cache!r}."
             )
         self.cache = cache
+        self._prefix: str | None = None
+        self._held: set[tuple[int, str]] = set()
         self._store = self._make_store(cache)
         self.unavailable_errors = self._store.errors
         self.native_expiry = not isinstance(self._store, _SimpleStore)
-        self._prefix: str | None = None
-        self._held: set[tuple[int, str]] = set()
 
     def _make_store(self, cache: BaseCache) -> _Store:
-        if isinstance(cache, BaseRedisCache):
-            return _RedisStore(cache)
+        # RedisCache and ValkeyCache; the write client serves reads too, so
+        # that the re-read under the lock never comes from a lagging replica.
+        redis_client = getattr(cache, "_write_client", None)
+        if redis_client is not None:
+            return _RedisStore(cache, redis_client)
         if isinstance(cache, MemcachedCache):
             if type(cache._client).__module__.startswith("pymemcache."):
                 return _MemcachedStore(cache)

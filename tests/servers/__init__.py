@@ -14,7 +14,8 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 
 
 class ServerNotFound(Exception):
@@ -59,6 +60,8 @@ class Server:
     :param proc: The process; :meth:`stop` ends it, :meth:`pause` and
         :meth:`resume` freeze it (an unresponsive server, data kept).
     :param restart: Starts the process again on the same port and data.
+    :param stop_signal: The signal :meth:`stop` sends first (PostgreSQL
+        needs ``SIGINT``: its ``SIGTERM`` waits for clients to disconnect).
     """
 
     url: str
@@ -66,10 +69,11 @@ class Server:
     proc: subprocess.Popen[bytes]
     restart_args: list[str] = field(default_factory=list)
     restart_kwargs: dict[str, object] = field(default_factory=dict)
+    stop_signal: int = signal.SIGTERM
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.send_signal(self.stop_signal)
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
@@ -82,7 +86,23 @@ class Server:
         wait_for_port(self.port, self.proc)
 
     def pause(self) -> None:
+        """Freeze the server; return once every one of its threads stopped."""
         os.kill(self.proc.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 5
+        while not _all_threads_stopped(self.proc.pid):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"process {self.proc.pid} did not stop")
+            time.sleep(0.01)
 
     def resume(self) -> None:
         os.kill(self.proc.pid, signal.SIGCONT)
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    tasks = f"/proc/{pid}/task"
+    for tid in os.listdir(tasks):
+        with open(f"{tasks}/{tid}/stat") as f:
+            # The state follows the parenthesised command name.
+            if f.read().rsplit(")", 1)[1].split()[0] not in ("T", "t"):
+                return False
+    return True

@@ -1,0 +1,472 @@
+"""What is peculiar to the SQL backend, on SQLite and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import stat
+import subprocess
+import sys
+import threading
+import time
+import typing as t
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from datetime import timezone
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+
+from flask_serverside.backends import sqlalchemy as sql_module
+from flask_serverside.backends.sqlalchemy import make_table
+from flask_serverside.backends.sqlalchemy import SQLAlchemyBackend
+from tests.conftest import start_server
+from tests.servers import free_port
+from tests.servers import Server
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+#: Adds one to a counter under ``lock()``, ``argv[3]`` times, in a process
+#: of its own; starts when it reads a line, so the processes overlap.
+COUNTER_WORKER = """
+import sys, time
+from flask_serverside.backends.sqlalchemy import SQLAlchemyBackend
+
+backend = SQLAlchemyBackend(url=sys.argv[1], table=sys.argv[2])
+print("ready", flush=True)
+sys.stdin.readline()
+
+for _ in range(int(sys.argv[3])):
+    with backend.lock("counter"):
+        record = backend.load("counter")
+        value = int(record.data) if record else 0
+        time.sleep(0.001)
+        backend.save("counter", str(value + 1).encode(), time.time() + 60)
+"""
+
+
+def unique_table() -> str:
+    return f"sessions_{uuid.uuid4().hex[:12]}"
+
+
+def sqlite_url(directory: pathlib.Path) -> str:
+    return f"sqlite:///{directory}/sessions.sqlite3"
+
+
+def later(seconds: float = 60) -> float:
+    return time.time() + seconds
+
+
+@pytest.fixture(scope="module")
+def postgres_url(postgres_server: Server) -> str:
+    return postgres_server.url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def url(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> str:
+    if request.param == "sqlite":
+        return sqlite_url(tmp_path)
+
+    return t.cast(str, request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def make_backend() -> Iterator[t.Callable[..., SQLAlchemyBackend]]:
+    """Build backends (on a new table unless given one); drop their tables
+    and close their connections after the test."""
+    backends: list[SQLAlchemyBackend] = []
+
+    def make(**kwargs: t.Any) -> SQLAlchemyBackend:
+        backends.append(SQLAlchemyBackend(**{"table": unique_table(), **kwargs}))
+        return backends[-1]
+
+    yield make
+
+    for backend in backends:
+        if backend.create_table:
+            backend.table.drop(backend.engine, checkfirst=True)
+
+        backend.engine.dispose()
+
+
+@pytest.fixture
+def backend(url: str, make_backend: t.Callable[..., SQLAlchemyBackend]) -> SQLAlchemyBackend:
+    return make_backend(url=url)
+
+
+@pytest.fixture(scope="module")
+def stoppable_postgres(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """A server of this module's own, which tests stop and start again."""
+    server = start_server(request, tmp_path_factory.mktemp("postgres"), "postgres")
+    yield server
+    server.stop()
+
+
+def test_round_trip(backend: SQLAlchemyBackend) -> None:
+    expires = later()
+    backend.save("session:a", b"\x00data", expires)
+    record = backend.load("session:a")
+    assert record is not None
+    assert record.data == b"\x00data"
+    assert record.expires == pytest.approx(expires, abs=1e-5)
+
+    backend.save("session:a", b"new", expires)
+    assert backend.load("session:a") == (b"new", pytest.approx(expires, abs=1e-5))
+
+    backend.touch("session:a", expires + 100)
+    assert backend.load("session:a") == (b"new", pytest.approx(expires + 100, abs=1e-5))
+
+    assert backend.delete("session:a")
+    assert not backend.delete("session:a")
+    assert backend.load("session:a") is None
+
+
+def test_expiry_is_a_utc_datetime_column(backend: SQLAlchemyBackend) -> None:
+    backend.save("session:a", b"x", 2_000_000_000.25)
+
+    with backend.engine.connect() as conn:
+        stored = conn.execute(sa.select(backend.table.c.expires)).scalar_one()
+
+    if backend.engine.dialect.name == "sqlite":  # no zone stored: UTC by convention
+        stored = stored.replace(tzinfo=timezone.utc)
+
+    assert stored == datetime(2033, 5, 18, 3, 33, 20, 250000, tzinfo=timezone.utc)
+
+
+def test_expired_rows_are_invisible(backend: SQLAlchemyBackend) -> None:
+    backend.save("session:old", b"x", time.time() - 1)
+    backend.save("session:new", b"y", later())
+
+    assert backend.load("session:old") is None
+    assert backend.count(time.time()) == 1
+
+    backend.touch("session:old", later())  # an expired record is not revived
+    assert backend.load("session:old") is None
+
+
+def test_touch_never_creates(backend: SQLAlchemyBackend) -> None:
+    backend.touch("session:missing", later())
+    assert backend.load("session:missing") is None
+
+
+def test_portable_save_without_upsert(
+    backend: SQLAlchemyBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sql_module, "_UPSERTS", {})
+    backend.save("session:a", b"one", later())
+    backend.save("session:a", b"two", later())
+    assert backend.load("session:a") == (b"two", pytest.approx(later(), abs=5))
+
+
+def test_count_and_clear_keep_to_the_prefix(backend: SQLAlchemyBackend) -> None:
+    backend.save("a_:1", b"x", later())
+    backend.save("a_:2", b"x", time.time() - 1)
+    backend.save("ab:1", b"x", later())  # "_" must not act as a wildcard
+    backend.configure("a_:")
+
+    assert backend.count(time.time()) == 1
+    assert sum(backend.cleanup(time.time())) == 1
+    assert backend.clear() == 1
+    assert backend.load("ab:1") is not None
+
+
+def test_cleanup_in_batches(backend: SQLAlchemyBackend) -> None:
+    now = time.time()
+    backend.save("session:live", b"x", later())
+    past = sql_module._datetime(now - 10)
+    rows = [{"id": f"session:{i:064x}", "data": b"x", "expires": past} for i in range(20_000)]
+
+    with backend.engine.begin() as conn:
+        conn.execute(backend.table.insert(), rows)
+
+    batches = list(backend.cleanup(now))
+    assert sum(batches) == 20_000
+    assert batches == [sql_module._CLEANUP_BATCH] * (20_000 // sql_module._CLEANUP_BATCH)
+    assert backend.count(now) == 1
+
+
+def test_lock_commits_or_rolls_back_as_one_transaction(backend: SQLAlchemyBackend) -> None:
+    backend.save("session:a", b"old", later())
+
+    with pytest.raises(ZeroDivisionError), backend.lock("session:a"):
+        backend.save("session:a", b"new", later())
+        assert backend.load("session:a") == (b"new", pytest.approx(later(), abs=5))
+        1 / 0  # noqa: B018
+
+    assert backend.load("session:a") == (b"old", pytest.approx(later(), abs=5))
+
+    with backend.lock("session:a"):
+        with backend.lock("session:b"):  # re-entered: joins the transaction
+            backend.save("session:b", b"b", later())
+        assert backend.delete("session:a")
+
+    assert backend.load("session:a") is None
+    assert backend.load("session:b") is not None
+
+
+def test_lock_wait_is_bounded(
+    url: str, make_backend: t.Callable[..., SQLAlchemyBackend], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sql_module, "_LOCK_TIMEOUT", 1)
+    backend = make_backend(url=url)
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with backend.lock("session:a"):
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+
+    try:
+        assert held.wait(10)
+        start = time.monotonic()
+
+        with pytest.raises(backend.unavailable_errors), backend.lock("session:a"):
+            pass
+
+        assert time.monotonic() - start < 5
+    finally:
+        release.set()
+        thread.join()
+
+    with backend.lock("session:a"):
+        backend.save("session:a", b"x", later())
+
+
+def test_postgres_locks_each_key_apart(
+    postgres_url: str, make_backend: t.Callable[..., SQLAlchemyBackend]
+) -> None:
+    backend = make_backend(url=postgres_url)
+    done = threading.Event()
+
+    def lock_b() -> None:
+        with backend.lock("session:b"):
+            backend.save("session:b", b"b", later())
+        done.set()
+
+    with backend.lock("session:a"):
+        other = threading.Thread(target=lock_b)
+        other.start()
+        assert done.wait(5)
+        other.join()
+
+
+def increment(backend: SQLAlchemyBackend, times: int) -> None:
+    """Add one to a counter under ``lock()``, ``times`` times."""
+    for _ in range(times):
+        with backend.lock("counter"):
+            record = backend.load("counter")
+            value = int(record.data) if record else 0
+            time.sleep(0.001)
+            backend.save("counter", str(value + 1).encode(), later())
+
+
+def test_postgres_row_lock_fallback(
+    postgres_url: str,
+    make_backend: t.Callable[..., SQLAlchemyBackend],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sql_module, "_LOCKS", {})
+    monkeypatch.setattr(sql_module, "_UPSERTS", {})
+    backend = make_backend(url=postgres_url)
+    backend.save("counter", b"0", later())  # a row lock needs a row
+    threads = [threading.Thread(target=increment, args=(backend, 25)) for _ in range(2)]
+
+    for thread in threads:
+        thread.start()
+
+    for thread in threads:
+        thread.join()
+
+    assert backend.load("counter") == (b"50", pytest.approx(later(), abs=5))
+
+
+def run_counter_workers(url: str, table: str, processes: int, times: int) -> None:
+    """Run :data:`COUNTER_WORKER` in overlapping processes."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, "-c", COUNTER_WORKER, url, table, str(times)]
+    workers = [
+        subprocess.Popen(args, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for _ in range(processes)
+    ]
+
+    for worker in workers:
+        assert worker.stdout is not None and worker.stdout.readline() == "ready\n"
+
+    for worker in workers:
+        assert worker.stdin is not None
+        worker.stdin.write("go\n")
+        worker.stdin.flush()
+
+    for worker in workers:
+        worker.communicate(timeout=60)
+        assert worker.returncode == 0
+
+
+def test_lock_excludes_other_processes(
+    url: str, make_backend: t.Callable[..., SQLAlchemyBackend]
+) -> None:
+    backend = make_backend(url=url)
+    run_counter_workers(url, backend.table.name, 2, 50)  # they race to create the table
+    assert backend.load("counter") == (b"100", pytest.approx(later(), abs=5))
+
+
+def test_create_table_false(
+    tmp_path: pathlib.Path, make_backend: t.Callable[..., SQLAlchemyBackend]
+) -> None:
+    backend = make_backend(url=sqlite_url(tmp_path), table="sessions", create_table=False)
+
+    with pytest.raises(RuntimeError, match="'sessions' does not exist") as info:
+        backend.load("session:a")
+
+    assert "make_table" in str(info.value)
+    assert "SESSION_SQLALCHEMY_CREATE_TABLE" in str(info.value)
+    assert not sa.inspect(backend.engine).has_table("sessions")
+
+    metadata = sa.MetaData()
+    make_table("sessions", metadata)
+    metadata.create_all(backend.engine)  # as a migration would
+    backend.save("session:a", b"x", later())
+    assert backend.load("session:a") is not None
+
+
+def test_create_table_creates_the_expiry_index(backend: SQLAlchemyBackend) -> None:
+    backend.count(time.time())
+    indexes = sa.inspect(backend.engine).get_indexes(backend.table.name)
+    assert [index["column_names"] for index in indexes] == [["expires"]]
+
+
+def test_two_backends_on_one_table(
+    url: str, make_backend: t.Callable[..., SQLAlchemyBackend]
+) -> None:
+    first = make_backend(url=url)
+    second = make_backend(engine=first.engine, table=first.table.name)
+    first.save("session:a", b"x", later())
+    assert second.load("session:a") is not None
+
+
+def test_sqlite_file_is_private_and_in_wal_mode(
+    tmp_path: pathlib.Path, make_backend: t.Callable[..., SQLAlchemyBackend]
+) -> None:
+    directory = tmp_path / "new" / "dir"
+    backend = make_backend(url=sqlite_url(directory))
+    assert not directory.exists()  # nothing happens before first use
+
+    backend.save("session:a", b"x", later())
+
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    for name in ("sessions.sqlite3", "sessions.sqlite3-wal"):
+        assert stat.S_IMODE((directory / name).stat().st_mode) == 0o600
+
+    with backend.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+def test_in_memory_sqlite_is_refused(url: str) -> None:
+    with pytest.raises(ValueError, match="in memory"):
+        SQLAlchemyBackend(url=url)
+
+
+def test_engine_or_url() -> None:
+    with pytest.raises(TypeError, match="exactly one"):
+        SQLAlchemyBackend()
+
+    with pytest.raises(TypeError, match="exactly one"):
+        SQLAlchemyBackend(engine=sa.create_engine("sqlite:///x"), url="sqlite:///x")
+
+
+def pg_url(server: Server, **parts: t.Any) -> str:
+    return sa.make_url(server.url).set(**parts).render_as_string(False)
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [{"port": "free"}, {"password": "wrong"}, {"database": "missing"}],
+    ids=["closed port", "wrong password", "missing database"],
+)
+def test_unreachable_database(
+    stoppable_postgres: Server,
+    parts: dict[str, t.Any],
+    make_backend: t.Callable[..., SQLAlchemyBackend],
+) -> None:
+    if parts.get("port") == "free":
+        parts["port"] = free_port()
+
+    start = time.monotonic()
+    backend = make_backend(url=pg_url(stoppable_postgres, **parts), create_table=False)
+
+    with pytest.raises(backend.unavailable_errors):
+        backend.load("session:a")
+
+    with pytest.raises(backend.unavailable_errors), backend.lock("session:a"):
+        pass
+
+    assert time.monotonic() - start < 5
+
+
+def test_outage_and_recovery(
+    stoppable_postgres: Server, make_backend: t.Callable[..., SQLAlchemyBackend]
+) -> None:
+    backend = make_backend(url=stoppable_postgres.url)
+    backend.save("session:a", b"kept", later())
+    stoppable_postgres.stop()
+
+    try:
+        fresh = make_backend(url=stoppable_postgres.url)  # an app started while down
+
+        for call in (
+            lambda: backend.load("session:a"),
+            lambda: backend.save("session:a", b"lost", later()),
+            lambda: backend.count(time.time()),
+            lambda: fresh.load("session:a"),
+        ):
+            with pytest.raises(backend.unavailable_errors):
+                call()
+    finally:
+        stoppable_postgres.start_again()
+
+    # The pool's connections died with the server: pre-ping replaces them.
+    assert backend.load("session:a") == (b"kept", pytest.approx(later(), abs=5))
+    fresh.save("session:a", b"x", later())  # creates its table now
+    assert fresh.load("session:a") is not None
+
+
+def test_flask_sqlalchemy_session_is_left_alone(
+    postgres_url: str, make_backend: t.Callable[..., SQLAlchemyBackend]
+) -> None:
+    from flask_sqlalchemy import SQLAlchemy
+
+    app = Flask(__name__)
+    app.config["SQLALCHEMY_DATABASE_URI"] = postgres_url
+    db = SQLAlchemy(app)
+    notes = unique_table()
+
+    class Note(db.Model):  # type: ignore[name-defined,misc]
+        __tablename__ = notes
+        id = sa.Column(sa.Integer, primary_key=True)
+
+    with app.app_context():
+        db.create_all()
+        backend = make_backend(engine=db.engine)
+        db.session.add(Note(id=1))
+        db.session.flush()  # the ORM transaction is open, with a write
+
+        with backend.lock("session:a"):
+            backend.save("session:a", b"x", later())
+
+        assert db.session().in_transaction()
+        db.session.rollback()
+
+        assert db.session.scalar(sa.select(sa.func.count()).select_from(Note)) == 0
+        assert backend.load("session:a") is not None
+        db.session.remove()
+        db.drop_all()
