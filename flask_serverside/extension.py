@@ -222,13 +222,17 @@ def _sqlalchemy_backend(config: t.Mapping[str, t.Any]) -> Backend:
         return SQLAlchemyBackend(engine=engine, table=table, create_table=create)
     url = config["SESSION_SQLALCHEMY_URL"]
     try:
-        sqlalchemy.make_url(url)
+        return SQLAlchemyBackend(url=url, table=table, create_table=create)
+    except (ImportError, sqlalchemy.exc.NoSuchModuleError) as exc:
+        raise ValueError(
+            f"SESSION_SQLALCHEMY_URL={url!r} needs a database driver that is not"
+            f" installed ({exc}); for PostgreSQL install 'flask-serverside[postgres]'."
+        ) from exc
     except (sqlalchemy.exc.ArgumentError, TypeError) as exc:
         raise ValueError(
             f"SESSION_SQLALCHEMY_URL={url!r} is not a database URL, such as"
             " 'postgresql+psycopg2://user:password@host/dbname'."
         ) from exc
-    return SQLAlchemyBackend(url=url, table=table, create_table=create)
 
 
 def _cachelib_backend(config: t.Mapping[str, t.Any]) -> Backend:

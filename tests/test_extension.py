@@ -210,3 +210,16 @@ class TestFlaskLogin:
         first = session_cookie(client.get("/login"))
         assert session_cookie(client.get("/login")) in (first, None)
         assert client.get("/me").text == "7"
+
+
+@pytest.mark.parametrize("url", ["postgresql+pg8000://u@h/db", "mysql+nosuch://u@h/db"])
+def test_missing_database_driver_names_the_key(tmp_path: t.Any, url: str) -> None:
+    app = make(tmp_path, SESSION_BACKEND="sqlalchemy", SESSION_SQLALCHEMY_URL=url)
+    with pytest.raises(ValueError, match="needs a database driver that is not installed"):
+        ServerSide(app)
+
+
+def test_in_memory_sqlite_is_refused(tmp_path: t.Any) -> None:
+    app = make(tmp_path, SESSION_BACKEND="sqlalchemy", SESSION_SQLALCHEMY_URL="sqlite://")
+    with pytest.raises(ValueError, match="memory"):
+        ServerSide(app)
