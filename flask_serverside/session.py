@@ -166,10 +166,6 @@ class ServerSideSession(SessionMixin):
         self.modified = True
         self.accessed = True
 
-    def is_empty(self) -> bool:
-        """Whether the session holds nothing but its permanent flag."""
-        return all(key == _PERMANENT for key in self.data)
-
     def changed_keys(self, serializer: Serializer) -> set[str]:
         """The top-level keys this request set, deleted or mutated in place.
 
@@ -180,8 +176,6 @@ class ServerSideSession(SessionMixin):
         if self.stored is None:
             return set(data)
         changed = set(self._written)
-        if not changed and serializer.dumps(data) == self.stored.raw:
-            return changed
         original = serializer.loads(self.stored.raw)
         for key in original.keys() | data.keys():
             if key in changed:
@@ -193,3 +187,8 @@ class ServerSideSession(SessionMixin):
             ):
                 changed.add(key)
         return changed
+
+
+def is_empty(data: t.Mapping[str, t.Any]) -> bool:
+    """Whether session data holds nothing but the permanent flag."""
+    return all(key == _PERMANENT for key in data)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from . import ids
 from .exceptions import BackendUnavailable
 from .exceptions import SessionTooLarge
+from .session import is_empty
 
 if t.TYPE_CHECKING:
     from .backends.base import Backend
@@ -117,9 +118,12 @@ class SessionStore:
 
     def _encode(self, data: dict[str, t.Any]) -> bytes:
         raw = self.serializer.dumps(data)
+        self._check_size(raw)
+        return raw
+
+    def _check_size(self, raw: bytes) -> None:
         if len(raw) > self.max_bytes:
             raise SessionTooLarge(len(raw), self.max_bytes)
-        return raw
 
     def delete(self, sid: str) -> bool:
         """Remove a session's record; return whether there was one."""
@@ -137,15 +141,15 @@ class SessionStore:
         with self._guard("saving"):
             if session.destroyed_sid is not None:
                 self.backend.delete(self.key(session.destroyed_sid))
-            changed = session.changed_keys(self.serializer)
             if session.stored is None:
                 return self._create(session, lifetime)
-            if not changed and not session.cleared and session.regenerated_from is None:
+            raw = self.serializer.dumps(session.data)
+            if raw == session.stored.raw and session.regenerated_from is None:
                 return self._touch(session, session.stored, lifetime)
-            return self._merge(session, changed, lifetime)
+            return self._write(session, session.stored, raw, lifetime)
 
     def _create(self, session: ServerSideSession, lifetime: float) -> Outcome:
-        if session.is_empty():
+        if is_empty(session.data):
             return Outcome.NOTHING
         raw = self._encode(session.data)
         self.backend.save(self.key(session.sid), raw, time.time() + lifetime)
@@ -157,29 +161,56 @@ class SessionStore:
             self.backend.touch(self.key(session.sid), now + lifetime)
         return Outcome.KEPT
 
-    def _merge(self, session: ServerSideSession, changed: set[str], lifetime: float) -> Outcome:
-        stored_sid = session.regenerated_from or session.sid
-        key = self.key(stored_sid)
+    def _write(
+        self, session: ServerSideSession, stored: Loaded, raw: bytes, lifetime: float
+    ) -> Outcome:
+        """Write the session inside the exclusive section of its stored key.
+
+        If another request wrote the record since this one read it, this
+        request's changed keys are applied to the fresh record instead.
+        """
+        key = self.key(session.regenerated_from or session.sid)
         with self.backend.lock(key):
             now = time.time()
-            current = self._decode(self.backend.load(key), now)
-            if current is None:
-                logger.info(
-                    "Dropping this request's session changes: another request"
-                    " destroyed or regenerated the session meanwhile."
-                )
-                return Outcome.DROPPED
-            merged = _apply(current.data, session.data, changed, session.cleared)
-            if all(k == "_permanent" for k in merged):
+            record = self.backend.load(key)
+            data = session.data
+            if record is None or record.data != stored.raw:
+                merged = self._merge(session, record, now)
+                if merged is None:
+                    return Outcome.DROPPED
+                data, raw = merged, self.serializer.dumps(merged)
+            if is_empty(data):
                 self.backend.delete(key)
                 return Outcome.EMPTIED
-            raw = self._encode(merged)
+            self._check_size(raw)
             if session.regenerated_from is None:
                 self.backend.save(key, raw, now + lifetime)
                 return Outcome.WRITTEN
             self.backend.save(self.key(session.sid), raw, now + lifetime)
             self.backend.delete(key)
             return Outcome.CREATED
+
+    def _merge(
+        self, session: ServerSideSession, record: Record | None, now: float
+    ) -> dict[str, t.Any] | None:
+        """This request's changes applied to a record another request wrote,
+        or ``None`` if that request destroyed or regenerated the session."""
+        current = self._decode(record, now)
+        if current is None:
+            logger.info(
+                "Dropping this request's session changes: another request"
+                " destroyed or regenerated the session meanwhile."
+            )
+            return None
+        if session.cleared:
+            return dict(session.data)
+        merged = current.data
+        for key in session.changed_keys(self.serializer):
+            if key in session.data:
+                merged[key] = session.data[key]
+            else:
+                merged.pop(key, None)
+        return merged
 
     def get(self, sid: str) -> dict[str, t.Any] | None:
         """The data of a live session, or ``None``."""
@@ -197,20 +228,3 @@ class SessionStore:
     def clear(self) -> int:
         return self._call("clearing", self.backend.clear)
 
-
-def _apply(
-    stored: dict[str, t.Any],
-    data: dict[str, t.Any],
-    changed: set[str],
-    cleared: bool,
-) -> dict[str, t.Any]:
-    """This request's changes applied to the freshly read stored data."""
-    if cleared:
-        return dict(data)
-    merged = dict(stored)
-    for key in changed:
-        if key in data:
-            merged[key] = data[key]
-        else:
-            merged.pop(key, None)
-    return merged
