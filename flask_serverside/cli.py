@@ -65,3 +65,65 @@ def delete_command(sid: str) -> None:
 def clear_command() -> None:
     """Remove every session."""
     click.echo(f"Removed {_run(_ext().clear)} sessions.")
+
+
+@sessions_cli.command("import-flask-session")
+@click.option(
+    "--from",
+    "source",
+    required=True,
+    metavar="URL|DIRECTORY",
+    help="Flask-Session's store: a redis:// URL, a SQLAlchemy database URL, or"
+    " its SESSION_FILE_DIR.",
+)
+@click.option(
+    "--table",
+    default="sessions",
+    show_default=True,
+    help="Flask-Session's SESSION_SQLALCHEMY_TABLE (schema.table with a schema).",
+)
+@click.option(
+    "--prefix",
+    default="session:",
+    show_default=True,
+    help="Flask-Session's SESSION_KEY_PREFIX.",
+)
+@click.option(
+    "--format",
+    "format_",
+    type=click.Choice(["msgpack", "json"]),
+    default="msgpack",
+    show_default=True,
+    help="Flask-Session's SESSION_SERIALIZATION_FORMAT.",
+)
+def import_flask_session_command(source: str, table: str, prefix: str, format_: str) -> None:
+    """Copy the live sessions Flask-Session 0.8 stored, keeping their IDs.
+
+    Records are read as msgpack or JSON; one that only pickle could read is
+    skipped and counted, never unpickled.
+    """
+    from .migrate import import_sessions
+    from .migrate import SourceError
+
+    try:
+        result = _run(
+            lambda: import_sessions(source, table=table, prefix=prefix, format=format_)
+        )
+    except SourceError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"Imported {result.imported} sessions.")
+    click.echo(
+        f"Skipped {result.expired} expired, {result.unreadable} unreadable and"
+        f" {result.present} already in this store."
+    )
+    if result.bad_id:
+        click.echo(
+            f"Skipped {result.bad_id} live sessions whose ID is shorter or longer"
+            " than this extension accepts (SESSION_ID_LENGTH outside 16 to 64)."
+        )
+    if result.hashed_id:
+        raise click.ClickException(
+            f"{result.hashed_id} live sessions were not imported: Flask-Session's"
+            " filesystem store keeps only a hash of each session ID, so the ID"
+            " that users' cookies hold cannot be recovered."
+        )

@@ -1,0 +1,328 @@
+"""``flask sessions import-flask-session``, on records that the real
+Flask-Session 0.8 wrote."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import pickle
+import sqlite3
+import struct
+import time
+import typing as t
+import uuid
+
+import pytest
+import redis
+import sqlalchemy as sa
+from flask import Flask
+from flask import request
+from flask import session
+from flask_session import Session
+from flask_sqlalchemy import SQLAlchemy
+
+from flask_serverside import ids
+from tests.conftest import build_app
+from tests.servers import free_port
+from tests.servers import Server
+
+DATA = {"user": "ada", "cart": [1, 2, 3], "prefs": {"dark": True}, "visits": 7}
+#: What the session holds after Flask-Session stored DATA: it adds the flag.
+STORED = {**DATA, "_permanent": True}
+#: Flask-Session's PERMANENT_SESSION_LIFETIME in these tests, in seconds.
+OLD_LIFETIME = 600
+
+# Flask-Session warns about its own deprecated options and calls utcnow().
+flask_session_warnings = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:flask_session"),
+    pytest.mark.filterwarnings("ignore:datetime.datetime.utcnow:DeprecationWarning"),
+]
+pytestmark = flask_session_warnings
+
+
+class Armed:
+    """Unpickling this runs ``os.mkdir(path)``: a marker that code ran."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self) -> tuple[t.Any, ...]:
+        return (os.mkdir, (self.path,))
+
+
+def armed_payload(marker: pathlib.Path) -> bytes:
+    """A pickle that creates ``marker`` when loaded; checked to be live."""
+    proof = marker.with_name(marker.name + "-proof")
+    pickle.loads(pickle.dumps(Armed(proof)))
+    assert proof.is_dir()
+    return pickle.dumps(Armed(marker))
+
+
+def flask_session_app(instance: pathlib.Path, **config: t.Any) -> Flask:
+    """An app on Flask-Session 0.8 with ``config``."""
+    app = Flask("flask_session_app", instance_path=os.fspath(instance))
+    app.config.update(
+        SECRET_KEY="old secret", TESTING=True, PERMANENT_SESSION_LIFETIME=OLD_LIFETIME
+    )
+    app.config.update(config)
+    sqlalchemy = config.get("SESSION_SQLALCHEMY")
+    if sqlalchemy is not None:
+        sqlalchemy.init_app(app)
+    Session(app)
+
+    @app.post("/set")
+    def set_() -> str:
+        session.update(request.get_json())
+        return "ok"
+
+    return app
+
+
+def start_old_session(app: Flask) -> str:
+    """Store DATA in a new Flask-Session session; return the cookie value."""
+    client = app.test_client()
+    assert client.post("/set", json=DATA).status_code == 200
+    cookie = client.get_cookie("session")
+    assert cookie is not None
+    return cookie.value
+
+
+def new_app(tmp_path: pathlib.Path, **config: t.Any) -> Flask:
+    return build_app(tmp_path / "new", config, count=False)
+
+
+def run_import(app: Flask, *args: str) -> t.Any:
+    return app.test_cli_runner().invoke(args=["sessions", "import-flask-session", *args])
+
+
+def session_seen(app: Flask, cookie: str) -> t.Any:
+    """The session a client with this cookie sees in ``app``."""
+    client = app.test_client()
+    client.set_cookie("session", cookie)
+    return client.get("/dump").get_json()
+
+
+def stored_expiry(app: Flask, sid: str) -> float | None:
+    with app.app_context():
+        store = app.session_interface.store  # type: ignore[attr-defined]
+        record = store.backend.load(store.key(sid))
+    return None if record is None else float(record.expires)
+
+
+def assert_old_lifetime(app: Flask, sid: str) -> None:
+    """The imported record keeps Flask-Session's remaining lifetime, not
+    this app's 31 days (until a request touches it)."""
+    expires = stored_expiry(app, sid)
+    assert expires is not None
+    assert time.time() + OLD_LIFETIME - 30 < expires <= time.time() + OLD_LIFETIME + 1
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A Flask-Session key prefix of this test alone, in the shared Redis."""
+    return f"t{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture
+def redis_client(redis_server: Server) -> t.Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url)
+    yield client
+    client.close()
+
+
+@pytest.mark.parametrize("format", ["msgpack", "json"])
+def test_redis(
+    tmp_path: pathlib.Path,
+    redis_server: Server,
+    redis_client: redis.Redis,
+    prefix: str,
+    format: str,
+) -> None:
+    old = flask_session_app(
+        tmp_path / "old",
+        SESSION_TYPE="redis",
+        SESSION_REDIS=redis_client,
+        SESSION_KEY_PREFIX=prefix,
+        SESSION_SERIALIZATION_FORMAT=format,
+    )
+    sid = start_old_session(old)
+    marker = tmp_path / "marker"
+    planted = ids.generate(32)
+    redis_client.set(prefix + planted, armed_payload(marker), ex=OLD_LIFETIME)
+    new = new_app(tmp_path)
+
+    result = run_import(new, "--from", redis_server.url, "--prefix", prefix, "--format", format)
+
+    assert result.exit_code == 0, result.output
+    assert "Imported 1 sessions." in result.output
+    assert "Skipped 0 expired, 1 unreadable and 0 already in this store." in result.output
+    assert not marker.exists()
+    assert_old_lifetime(new, sid)
+    assert session_seen(new, sid) == STORED
+    assert session_seen(new, planted) == {}
+
+
+def test_redis_shared_with_this_store(
+    tmp_path: pathlib.Path, redis_server: Server, redis_client: redis.Redis, prefix: str
+) -> None:
+    """Both extensions in one Redis under one prefix: a second import skips
+    what the first copied, keeps changes made since, and ignores this
+    store's own keys."""
+    old = flask_session_app(
+        tmp_path / "old",
+        SESSION_TYPE="redis",
+        SESSION_REDIS=redis_client,
+        SESSION_KEY_PREFIX=prefix,
+    )
+    sid = start_old_session(old)
+    new = new_app(
+        tmp_path,
+        SESSION_BACKEND="cachelib",
+        SESSION_CACHELIB=redis_server.url,
+        SESSION_KEY_PREFIX=prefix,
+    )
+    args = ("--from", redis_server.url, "--prefix", prefix)
+    assert "Imported 1 sessions." in run_import(new, *args).output
+    client = new.test_client()
+    client.set_cookie("session", sid)
+    client.get("/set/user/grace")
+
+    result = run_import(new, *args)
+
+    assert result.exit_code == 0, result.output
+    assert "Imported 0 sessions." in result.output
+    assert "Skipped 0 expired, 0 unreadable and 1 already in this store." in result.output
+    assert session_seen(new, sid) == {**STORED, "user": "grace"}
+
+
+def test_redis_signed_cookie_is_not_accepted(
+    tmp_path: pathlib.Path, redis_server: Server, redis_client: redis.Redis, prefix: str
+) -> None:
+    """SESSION_USE_SIGNER cookies carry Flask-Session's own signature, which
+    neither a bare ID nor SESSION_SIGN_ID accepts: those users start over."""
+    old = flask_session_app(
+        tmp_path / "old",
+        SESSION_TYPE="redis",
+        SESSION_REDIS=redis_client,
+        SESSION_KEY_PREFIX=prefix,
+        SESSION_USE_SIGNER=True,
+    )
+    signed = start_old_session(old)
+    sid = signed.rpartition(".")[0]
+    assert ids.is_valid(sid) and signed != sid
+    new = new_app(tmp_path)
+    assert "Imported 1 sessions." in run_import(
+        new, "--from", redis_server.url, "--prefix", prefix
+    ).output
+
+    assert session_seen(new, signed) == {}
+    assert session_seen(new_app(tmp_path, SESSION_SIGN_ID=True), signed) == {}
+    assert session_seen(new, sid) == STORED
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> str:
+    """Where Flask-Session's table lives."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'flask_session.sqlite3'}"
+    return t.cast(str, request.getfixturevalue("postgres_server").url)
+
+
+def test_sqlalchemy(tmp_path: pathlib.Path, database_url: str) -> None:
+    table = f"old_{uuid.uuid4().hex[:12]}"
+    old = flask_session_app(
+        tmp_path / "old",
+        SQLALCHEMY_DATABASE_URI=database_url,
+        SESSION_TYPE="sqlalchemy",
+        SESSION_SQLALCHEMY=SQLAlchemy(),
+        SESSION_SQLALCHEMY_TABLE=table,
+    )
+    sid = start_old_session(old)
+    expired = start_old_session(old)
+    marker = tmp_path / "marker"
+    planted = ids.generate(32)
+    engine = sa.create_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(f"UPDATE {table} SET expiry = '2000-01-01 00:00:00' WHERE session_id = :id"),
+            {"id": "session:" + expired},
+        )
+        conn.execute(
+            sa.text(
+                f"INSERT INTO {table} (session_id, data, expiry)"
+                f" SELECT :planted, :data, expiry FROM {table} WHERE session_id = :id"
+            ),
+            {
+                "planted": "session:" + planted,
+                "data": armed_payload(marker),
+                "id": "session:" + sid,
+            },
+        )
+    engine.dispose()
+    new = new_app(tmp_path)
+
+    result = run_import(new, "--from", database_url, "--table", table)
+
+    assert result.exit_code == 0, result.output
+    assert "Imported 1 sessions." in result.output
+    assert "Skipped 1 expired, 1 unreadable and 0 already in this store." in result.output
+    assert not marker.exists()
+    assert_old_lifetime(new, sid)
+    assert session_seen(new, sid) == STORED
+    assert session_seen(new, expired) == {}
+    assert session_seen(new, planted) == {}
+
+
+def test_sqlalchemy_missing_table(tmp_path: pathlib.Path) -> None:
+    database = tmp_path / "empty.sqlite3"
+    sqlite3.connect(database).close()
+    result = run_import(new_app(tmp_path), "--from", f"sqlite:///{database}")
+    assert result.exit_code == 1
+    assert "no table 'sessions'" in result.output and "--table" in result.output
+
+
+def test_filesystem(tmp_path: pathlib.Path) -> None:
+    """Flask-Session's files are cachelib pickles named by a hash of the ID:
+    read without running code, counted, but not importable."""
+    directory = tmp_path / "flask_session"
+    old = flask_session_app(
+        tmp_path / "old", SESSION_TYPE="filesystem", SESSION_FILE_DIR=os.fspath(directory)
+    )
+    sid = start_old_session(old)
+    start_old_session(old)
+    expired = next(p for p in directory.iterdir() if _file_holds(p, STORED))
+    expired.write_bytes(struct.pack("I", int(time.time()) - 10) + expired.read_bytes()[4:])
+    marker = tmp_path / "marker"
+    armed = struct.pack("I", int(time.time()) + OLD_LIFETIME) + armed_payload(marker)
+    (directory / ("0" * 64)).write_bytes(armed)
+    new = new_app(tmp_path)
+
+    result = run_import(new, "--from", os.fspath(directory))
+
+    assert result.exit_code == 1
+    assert "Imported 0 sessions." in result.output
+    assert "Skipped 1 expired, 1 unreadable and 0 already in this store." in result.output
+    assert "1 live sessions were not imported" in result.output
+    assert "hash" in result.output
+    assert not marker.exists()
+    assert session_seen(new, sid) == {}
+
+
+def _file_holds(path: pathlib.Path, data: dict[str, t.Any]) -> bool:
+    """Whether a FileSystemCache file holds ``data`` (read by the test only)."""
+    raw = path.read_bytes()
+    return len(raw) > 4 and raw[4:5] == b"\x80" and pickle.loads(raw[4:]) == data
+
+
+def test_bad_source(tmp_path: pathlib.Path) -> None:
+    result = run_import(new_app(tmp_path), "--from", os.fspath(tmp_path / "nowhere"))
+    assert result.exit_code == 1
+    assert "nowhere" in result.output and "directory" in result.output
+
+
+def test_unreachable_redis(tmp_path: pathlib.Path) -> None:
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    result = run_import(new_app(tmp_path), "--from", url)
+    assert result.exit_code == 1
+    assert "Cannot read Flask-Session's Redis" in result.output
+    assert "hunter2" not in result.output
