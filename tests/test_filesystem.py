@@ -227,3 +227,17 @@ def test_session_survives_an_app_restart(tmp_path: t.Any) -> None:
     assert sid
     restarted.set_cookie("session", sid)
     assert restarted.get("/get/a").json == "1"
+
+
+def test_count_and_clear_keep_to_their_prefix(tmp_path: t.Any) -> None:
+    ours, theirs = FileSystemBackend(tmp_path), FileSystemBackend(tmp_path)
+    ours.configure("app1:")
+    theirs.configure("app2:")
+    ours.save("app1:" + "07" * 32, b"{}", time.time() + 60)
+    theirs.save("app2:" + "08" * 32, b"{}", time.time() + 60)
+    theirs.save("app2:" + "09" * 32, b"{}", time.time() - 1)
+    assert ours.count(time.time()) == 1
+    assert sum(ours.cleanup(time.time())) == 0
+    assert ours.clear() == 1
+    assert theirs.count(time.time()) == 1
+    assert sum(theirs.cleanup(time.time())) == 1

@@ -51,6 +51,14 @@ class FileSystemBackend(Backend):
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = os.fspath(directory)
+        self._name_prefix = _escape("session:")
+
+    def configure(self, prefix: str) -> None:
+        self._name_prefix = _escape(prefix)
+
+    def _is_ours(self, name: str) -> bool:
+        """Whether a file name is a record under this backend's key prefix."""
+        return name.startswith(self._name_prefix) and len(name) == len(self._name_prefix) + 64
 
     def _shard(self, key: str) -> str:
         return f"{self.directory}/{key[-2:]}"
@@ -147,7 +155,7 @@ class FileSystemBackend(Backend):
             if entry.name.startswith(_TMP_PREFIX):
                 if entry.stat().st_mtime < now - STALE_TMP_SECONDS:
                     _unlink(entry.path)
-            elif not entry.name.startswith("."):
+            elif self._is_ours(entry.name):
                 removed += self._remove_if_expired(shard, entry.path, now)
         return removed
 
@@ -161,20 +169,16 @@ class FileSystemBackend(Backend):
             return int(_unlink(path))
 
     def count(self, now: float) -> int:
-        return sum(
-            _read_expiry(entry.path) > now
-            for shard in self._shards()
-            for entry in _scan(shard)
-            if not entry.name.startswith(".")
-        )
+        return sum(_read_expiry(path) > now for path in self._records())
 
     def clear(self) -> int:
-        return sum(
-            _unlink(entry.path)
-            for shard in self._shards()
-            for entry in _scan(shard)
-            if not entry.name.startswith(".")
-        )
+        return sum(_unlink(path) for path in self._records())
+
+    def _records(self) -> Iterator[str]:
+        for shard in self._shards():
+            for entry in _scan(shard):
+                if self._is_ours(entry.name):
+                    yield entry.path
 
     def _shards(self) -> Iterator[str]:
         for entry in _scan(self.directory):
