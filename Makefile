@@ -23,16 +23,17 @@ $(STAMP_TEST): $(BIN)/python setup.cfg pyproject.toml
 demo: $(STAMP_DEMO)
 	$(BIN)/flask --app examples/shop/app.py run --host 127.0.0.1 --port 5000
 
-## Install the test extras, start the servers that are installed, run everything.
-test: $(STAMP_TEST)
+## Install the test extras, start the servers that are installed, run everything:
+## the test suite, ruff, mypy --strict, and the docs with warnings as errors.
+test: lint docs
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP_TEST)
-	$(BIN)/ruff check flask_serverside tests
+	$(BIN)/ruff check flask_serverside tests examples benchmarks
 	$(BIN)/mypy
 
 docs: $(STAMP_TEST)
-	$(BIN)/sphinx-build -W -b html docs docs/_build/html
+	$(BIN)/sphinx-build -q -W -b html docs docs/_build/html
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info docs/_build
