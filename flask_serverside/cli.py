@@ -124,6 +124,7 @@ def import_flask_session_command(source: str, table: str, prefix: str, format_: 
     if result.hashed_id:
         raise click.ClickException(
             f"{result.hashed_id} live sessions were not imported: Flask-Session's"
-            " filesystem store keeps only a hash of each session ID, so the ID"
-            " that users' cookies hold cannot be recovered."
+            " filesystem store keeps only a hash of each session ID. Call"
+            " flask_serverside.migrate.adopt_flask_session_files(app, directory)"
+            " to take them over as their users come back."
         )

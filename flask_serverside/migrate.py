@@ -15,6 +15,7 @@ that refuses every class and function, so that only plain values load.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import pickle
@@ -36,6 +37,8 @@ from . import ids
 from .exceptions import BackendUnavailable
 
 if t.TYPE_CHECKING:
+    from flask import Flask
+
     from .store import SessionStore
 
 Decode = Callable[[bytes], "dict[str, t.Any] | None"]
@@ -368,3 +371,74 @@ class _PlainUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> t.Any:
         raise pickle.UnpicklingError(f"Refusing to load {module}.{name} from a session file.")
+
+
+class FlaskSessionFiles:
+    """The directory of Flask-Session 0.8's filesystem store, read one session
+    at a time.
+
+    Its files are named by a hash of the key prefix and the session ID, so
+    they cannot be listed by ID and copied ahead of time; a session can only
+    be found when its user comes back with the cookie.
+
+    :param directory: Flask-Session's ``SESSION_FILE_DIR``.
+    :param prefix: Flask-Session's ``SESSION_KEY_PREFIX``.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], prefix: str = "session:") -> None:
+        self.directory = os.fspath(directory)
+        self.prefix = prefix
+
+    def _paths(self, sid: str) -> list[str]:
+        # cachelib names the files by SHA-256 of the key since 0.10, by MD5
+        # before that.
+        key = (self.prefix + sid).encode()
+        return [
+            os.path.join(self.directory, digest(key).hexdigest())
+            for digest in (hashlib.sha256, hashlib.md5)
+        ]
+
+    def read(self, sid: str) -> tuple[dict[str, t.Any], float] | None:
+        for path in self._paths(sid):
+            try:
+                found = _read_file(path)
+            except FileNotFoundError:
+                continue
+            if found is None or found.data is None:
+                return None
+            expires = found.expires
+            if expires is None:
+                expires = time.time() + current_app.permanent_session_lifetime.total_seconds()
+            return found.data, expires
+        return None
+
+    def forget(self, sid: str) -> None:
+        for path in self._paths(sid):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+
+def adopt_flask_session_files(
+    app: Flask, directory: str | os.PathLike[str], prefix: str = "session:"
+) -> None:
+    """Take over the sessions of Flask-Session's filesystem store as their
+    users come back, keeping their IDs.
+
+    Call it after :meth:`~flask_serverside.ServerSide.init_app`. When a
+    cookie's ID is not in this store, its file in ``directory`` is read
+    (without running code, as :func:`import_sessions` reads it), copied into
+    this store with its remaining lifetime, and deleted. Remove the call once
+    the old directory is empty or its sessions have expired.
+
+    :param app: The app using this extension.
+    :param directory: Flask-Session's ``SESSION_FILE_DIR``.
+    :param prefix: Flask-Session's ``SESSION_KEY_PREFIX``.
+    """
+    from .interface import ServerSideSessionInterface
+
+    interface = app.session_interface
+    if not isinstance(interface, ServerSideSessionInterface):
+        raise RuntimeError("Call adopt_flask_session_files after ServerSide.init_app(app).")
+    interface.store.adopter = FlaskSessionFiles(directory, prefix)

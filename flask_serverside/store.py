@@ -61,6 +61,16 @@ class Outcome(enum.Enum):
     DROPPED = "dropped"
 
 
+class Adopter(t.Protocol):
+    """A store of another session extension that sessions are taken from."""
+
+    def read(self, sid: str) -> tuple[dict[str, t.Any], float] | None:
+        """The data and expiry of a live session with this ID, or ``None``."""
+
+    def forget(self, sid: str) -> None:
+        """Remove the session once this store holds it."""
+
+
 @dataclass
 class SessionStore:
     """A backend with the settings that apply to every backend.
@@ -79,6 +89,9 @@ class SessionStore:
     id_bytes: int
     max_bytes: int
     touch_interval: float
+    #: Another store whose sessions are taken over as their users come back;
+    #: see :func:`flask_serverside.migrate.adopt_flask_session_files`.
+    adopter: Adopter | None = None
 
     def new_id(self) -> str:
         return ids.generate(self.id_bytes)
@@ -104,7 +117,22 @@ class SessionStore:
         :raises BackendUnavailable: The store could not be reached.
         """
         record = self._call("loading", self.backend.load, self.key(sid))
-        return self._decode(record, time.time())
+        loaded = self._decode(record, time.time())
+        if loaded is None and self.adopter is not None:
+            loaded = self._adopt(sid, self.adopter)
+        return loaded
+
+    def _adopt(self, sid: str, adopter: Adopter) -> Loaded | None:
+        """Copy a session the adopter still holds into this store, then
+        have the adopter forget it, so it can only be taken over once."""
+        found = adopter.read(sid)
+        if found is None:
+            return None
+        data, expires = found
+        raw = self.serializer.dumps(data)
+        self._call("adopting", self.backend.save, self.key(sid), raw, expires)
+        adopter.forget(sid)
+        return Loaded(data, raw, expires)
 
     def _decode(self, record: Record | None, now: float) -> Loaded | None:
         if record is None or record.expires <= now:

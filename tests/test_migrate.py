@@ -22,6 +22,8 @@ from flask_session import Session
 from flask_sqlalchemy import SQLAlchemy
 
 from flask_serverside import ids
+from flask_serverside.migrate import adopt_flask_session_files
+from flask_serverside.migrate import FlaskSessionFiles
 from tests.conftest import build_app
 from tests.servers import free_port
 from tests.servers import Server
@@ -306,6 +308,29 @@ def test_filesystem(tmp_path: pathlib.Path) -> None:
     assert "hash" in result.output
     assert not marker.exists()
     assert session_seen(new, sid) == {}
+
+
+def test_filesystem_sessions_are_adopted_as_users_come_back(tmp_path: pathlib.Path) -> None:
+    directory = tmp_path / "flask_session"
+    old = flask_session_app(
+        tmp_path / "old", SESSION_TYPE="filesystem", SESSION_FILE_DIR=os.fspath(directory)
+    )
+    sid = start_old_session(old)
+    other = start_old_session(old)
+    planted = ids.generate(32)
+    marker = tmp_path / "marker"
+    armed = struct.pack("I", int(time.time()) + OLD_LIFETIME) + armed_payload(marker)
+    adopter = FlaskSessionFiles(directory)
+    pathlib.Path(adopter._paths(planted)[0]).write_bytes(armed)
+    new = new_app(tmp_path)
+    adopt_flask_session_files(new, directory)
+
+    assert session_seen(new, sid) == STORED
+    assert not os.path.exists(adopter._paths(sid)[0]), "adopted once, then forgotten"
+    assert session_seen(new, sid) == STORED
+    assert os.path.exists(adopter._paths(other)[0]), "the others wait for their users"
+    assert session_seen(new, planted) == {} and not marker.exists()
+    assert session_seen(new, ids.generate(32)) == {}
 
 
 def _file_holds(path: pathlib.Path, data: dict[str, t.Any]) -> bool:
