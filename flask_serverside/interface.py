@@ -86,7 +86,13 @@ class ServerSideSessionInterface(SessionInterface):
         self._schedule_cleanup(response)
         if session.accessed:
             response.vary.add("Cookie")
-        if not self._needs_saving(app, session):
+        try:
+            needed = self._needs_saving(app, session)
+        except BackendUnavailable as exc:
+            # The load that refreshes the cookie failed: a 503, as in a view.
+            _replace_response(response, exc)
+            return
+        if not needed:
             return
         # Flask calls save_session again when this one raises; don't retry.
         session.save_attempted = True

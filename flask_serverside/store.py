@@ -155,7 +155,13 @@ class SessionStore:
 
     def delete(self, sid: str) -> bool:
         """Remove a session's record; return whether there was one."""
-        return self._call("deleting", self.backend.delete, self.key(sid))
+        return self._call("deleting", self._delete, self.key(sid))
+
+    def _delete(self, key: str) -> bool:
+        # Inside the key's exclusive section: a request in the middle of its
+        # locked write must not put the record back after it is removed.
+        with self.backend.lock(key):
+            return self.backend.delete(key)
 
     def save(self, session: ServerSideSession, lifetime: float) -> Outcome:
         """Apply the session's changes to the store.
@@ -168,7 +174,7 @@ class SessionStore:
         """
         with self._guard("saving"):
             if session.destroyed_sid is not None:
-                self.backend.delete(self.key(session.destroyed_sid))
+                self._delete(self.key(session.destroyed_sid))
             if session.stored is None:
                 return self._create(session, lifetime)
             raw = self.serializer.dumps(session.data)

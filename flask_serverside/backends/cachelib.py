@@ -352,6 +352,7 @@ class _MemcachedStore(_Store):
         super().__init__(cache)
         exceptions = importlib.import_module("pymemcache.exceptions")
         self.errors = (OSError, exceptions.MemcacheServerError)
+        _refuse_unpickling_client(cache._client)
 
     def _client(self) -> t.ContextManager[t.Any]:
         # cachelib >= 0.15 may hand out clients from a pool.
@@ -397,6 +398,22 @@ class _MemcachedStore(_Store):
             if value == token.encode():
                 # A negative expiry drops the item, and cas makes it conditional.
                 client.cas(name, b"", cas, -1, noreply=False)
+
+
+def _refuse_unpickling_client(client: t.Any) -> None:
+    """Refuse a pymemcache client whose serde unpickles: it would run any
+    pickle planted in Memcached under a session key with the pickle flag."""
+    serde = getattr(client, "serde", None) or getattr(client, "default_kwargs", {}).get("serde")
+    if serde is None:
+        return
+    probe = b"\x80\x04K\x00."  # pickle.dumps(0, 4): harmless
+    if serde.deserialize(b"probe", probe, 1) != probe:
+        raise ValueError(
+            "SESSION_CACHELIB is a MemcachedCache whose pymemcache client unpickles"
+            f" values (its serde is {serde!r}): session records are read through it, so a"
+            " value planted in Memcached would run. Give the sessions a client"
+            " without a serde, or use a memcached:// URL."
+        )
 
 
 def _memcached_expiry(expires: float) -> int:
@@ -535,6 +552,9 @@ class CacheLibBackend(Backend):
         self.cache = cache
         self._prefix: str | None = None
         self._held: set[tuple[int, str]] = set()
+        #: Lock keys this process may hold without knowing it (a request for
+        #: them failed, but the store may have run it) -> tokens, deadline.
+        self._orphans: dict[str, tuple[list[str], float]] = {}
         self._store = self._make_store(cache)
         self.unavailable_errors = self._store.errors
         self.native_expiry = not isinstance(self._store, _SimpleStore)
@@ -603,7 +623,16 @@ class CacheLibBackend(Backend):
     def _acquire(self, lock_key: str, token: str) -> None:
         deadline = time.monotonic() + self.lock_wait
         delay = 0.005
-        while not self._store.acquire(lock_key, token, self.lock_ttl):
+        while True:
+            try:
+                if self._store.acquire(lock_key, token, self.lock_ttl):
+                    return
+            except self.unavailable_errors:
+                # A hung store may still run the request when it wakes up.
+                self._orphan(lock_key, token)
+                raise
+            if self._release_orphans(lock_key):
+                continue
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"The session lock {lock_key!r} is still held by another"
@@ -614,10 +643,28 @@ class CacheLibBackend(Backend):
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
 
+    def _orphan(self, lock_key: str, token: str) -> None:
+        now = time.monotonic()
+        for key, (_, until) in list(self._orphans.items()):
+            if until < now:
+                self._orphans.pop(key, None)
+        tokens, _ = self._orphans.get(lock_key, ([], 0.0))
+        self._orphans[lock_key] = ([*tokens, token], now + self.lock_ttl)
+
+    def _release_orphans(self, lock_key: str) -> bool:
+        """Free ``lock_key`` if a failed request of this process holds it."""
+        orphans = self._orphans.pop(lock_key, None)
+        if orphans is None or orphans[1] < time.monotonic():
+            return False
+        for token in orphans[0]:
+            self._store.release(lock_key, token)
+        return True
+
     def _release(self, lock_key: str, token: str) -> None:
         try:
             self._store.release(lock_key, token)
         except self.unavailable_errors:
+            self._orphan(lock_key, token)
             # The work under the lock is done; the lock expires by itself.
             log.warning(
                 "Could not release the session lock %r; it expires within %s seconds.",

@@ -26,6 +26,8 @@ _MAGIC = b"FSSESS1\n"
 _HEADER = struct.Struct(">8sd")
 _LOCK_NAME = ".lock"
 _TMP_PREFIX = ".tmp-"
+#: The longest file name most file systems allow (ext4, XFS, tmpfs, APFS).
+_NAME_MAX = 255
 #: A temporary file older than this was left by a crashed writer.
 STALE_TMP_SECONDS = 3600
 
@@ -54,7 +56,16 @@ class FileSystemBackend(Backend):
         self._name_prefix = _escape("session:")
 
     def configure(self, prefix: str) -> None:
-        self._name_prefix = _escape(prefix)
+        name = _escape(prefix)
+        if len(name.encode()) + 64 > _NAME_MAX:
+            raise ValueError(
+                f"SESSION_KEY_PREFIX={prefix!r} is too long for the filesystem backend:"
+                f" escaped for a file name ({name!r}) it makes names of"
+                f" {len(name.encode()) + 64} bytes, over the limit of {_NAME_MAX}. Use at"
+                f" most {_NAME_MAX - 64} bytes once escaped (characters other than"
+                " letters, digits and '_.-~' take three)."
+            )
+        self._name_prefix = name
 
     def _is_ours(self, name: str) -> bool:
         """Whether a file name is a record under this backend's key prefix."""
@@ -153,7 +164,11 @@ class FileSystemBackend(Backend):
         removed = 0
         for entry in _scan(shard):
             if entry.name.startswith(_TMP_PREFIX):
-                if entry.stat().st_mtime < now - STALE_TMP_SECONDS:
+                try:
+                    stale = entry.stat().st_mtime < now - STALE_TMP_SECONDS
+                except FileNotFoundError:
+                    continue  # its save has just renamed it over a record
+                if stale:
                     _unlink(entry.path)
             elif self._is_ours(entry.name):
                 removed += self._remove_if_expired(shard, entry.path, now)

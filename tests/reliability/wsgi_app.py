@@ -1,0 +1,119 @@
+"""A tiny app for the load tests, served by gunicorn.
+
+``gunicorn 'tests.reliability.wsgi_app:create_app()'`` builds it in each
+worker from two environment variables:
+
+- ``RELIABILITY_CONFIG``: the app's config, as a JSON object;
+- ``RELIABILITY_INSTANCE``: the app's instance path.
+
+A request with an ``X-Slow-Save: <seconds>`` header makes every record write
+of that request take that much longer (a slow disk or network), and marks
+the time spent so with a file in the instance folder; ``/destroy`` with an
+``X-When-Saving`` header waits until such a write is under way in any
+worker, so that the logout lands inside another request's save.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import threading
+import time
+import typing as t
+
+from flask import Flask
+from flask import has_request_context
+from flask import jsonify
+from flask import request
+from flask import session
+from flask.typing import ResponseReturnValue
+
+from flask_serverside import ServerSide
+from flask_serverside.backends import Backend
+from flask_serverside.backends import Record
+
+
+class SlowSaves(Backend):
+    """The app's backend, with writes slowed down on request."""
+
+    def __init__(self, inner: Backend, instance: str) -> None:
+        self.inner = inner
+        self.instance = instance
+        self.unavailable_errors = inner.unavailable_errors
+        self.native_expiry = inner.native_expiry
+
+    def load(self, key: str) -> Record | None:
+        return self.inner.load(key)
+
+    def save(self, key: str, data: bytes, expires: float) -> None:
+        if has_request_context() and "X-Slow-Save" in request.headers:
+            flag = os.path.join(self.instance, f"saving-{os.getpid()}-{threading.get_ident()}")
+            open(flag, "w").close()
+            try:
+                time.sleep(float(request.headers["X-Slow-Save"]))
+            finally:
+                os.unlink(flag)
+        self.inner.save(key, data, expires)
+
+    def touch(self, key: str, expires: float) -> None:
+        self.inner.touch(key, expires)
+
+    def delete(self, key: str) -> bool:
+        return self.inner.delete(key)
+
+    def lock(self, key: str) -> t.Any:
+        return self.inner.lock(key)
+
+    def cleanup(self, now: float) -> t.Iterator[int]:
+        return self.inner.cleanup(now)
+
+    def count(self, now: float) -> int:
+        return self.inner.count(now)
+
+    def clear(self) -> int:
+        return self.inner.clear()
+
+
+def create_app() -> Flask:
+    app = Flask(__name__, instance_path=os.environ["RELIABILITY_INSTANCE"])
+    app.config["SECRET_KEY"] = "reliability"
+    app.config.update(json.loads(os.environ.get("RELIABILITY_CONFIG", "{}")))
+    ServerSide(app)
+    store = app.session_interface.store  # type: ignore[attr-defined]
+    store.backend = SlowSaves(store.backend, app.instance_path)
+
+    @app.get("/nothing")
+    def nothing() -> ResponseReturnValue:
+        return "nothing"
+
+    @app.get("/incr/<key>")
+    def incr(key: str) -> ResponseReturnValue:
+        value = session.get(key, 0) + 1
+        session[key] = value
+        return jsonify(value=value, pid=os.getpid())
+
+    @app.get("/set/<key>/<value>")
+    def set_(key: str, value: str) -> ResponseReturnValue:
+        session[key] = value
+        return jsonify(pid=os.getpid())
+
+    @app.get("/dump")
+    def dump() -> ResponseReturnValue:
+        return jsonify(dict(session))
+
+    @app.get("/destroy")
+    def destroy() -> ResponseReturnValue:
+        if "X-When-Saving" in request.headers:
+            deadline = time.monotonic() + 5
+            pattern = os.path.join(app.instance_path, "saving-*")
+            while not glob.glob(pattern) and time.monotonic() < deadline:
+                time.sleep(0.0005)
+        session.destroy()  # type: ignore[attr-defined]
+        return jsonify(pid=os.getpid())
+
+    @app.get("/exists/<sid>")
+    def exists(sid: str) -> ResponseReturnValue:
+        return jsonify(app.extensions["serverside"].get(sid) is not None)
+
+    return app
