@@ -28,6 +28,13 @@ demo: $(STAMP_DEMO)
 test: lint docs
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+## Benchmarks (benchmarks/README.md): per-request cost, throughput, scale.
+bench: $(STAMP_DEMO)
+	$(BIN)/python -m pip install --quiet 'Flask-Session>=0.8,<0.9' flask-sqlalchemy msgspec redis pymemcache psycopg2-binary gunicorn
+	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/scale.py
+
 lint: $(STAMP_TEST)
 	$(BIN)/ruff check flask_serverside tests examples benchmarks
 	$(BIN)/mypy

@@ -1,0 +1,1 @@
+"""Benchmarks of flask_serverside; see benchmarks/README.md."""
