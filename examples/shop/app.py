@@ -23,6 +23,7 @@ from flask import render_template
 from flask import request
 from flask import session
 from flask import url_for
+
 from flask_serverside import ServerSide
 
 HERE = os.path.dirname(os.path.abspath(__file__))
