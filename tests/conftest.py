@@ -120,29 +120,35 @@ def backend_name(request: pytest.FixtureRequest) -> str:
     return t.cast(str, request.param)
 
 
-@pytest.fixture
-def backend_config(backend_name: str, request: pytest.FixtureRequest) -> dict[str, t.Any]:
-    """The ``SESSION_*`` config that selects the store, isolated per test."""
+def store_config(request: pytest.FixtureRequest, name: str) -> dict[str, t.Any]:
+    """The ``SESSION_*`` config that selects store ``name``, isolated by a
+    unique table or key prefix on the shared servers."""
     unique = "t" + uuid.uuid4().hex[:12]
-    if backend_name == "filesystem":
+    if name == "filesystem":
         return {}
-    if backend_name == "sqlite":
+    if name == "sqlite":
         return {"SESSION_BACKEND": "sqlalchemy"}
-    if backend_name == "postgres":
+    if name == "postgres":
         server = request.getfixturevalue("postgres_server")
         return {
             "SESSION_BACKEND": "sqlalchemy",
             "SESSION_SQLALCHEMY_URL": server.url,
             "SESSION_SQLALCHEMY_TABLE": unique,
         }
-    if backend_name == "simple":
+    if name == "simple":
         return {"SESSION_BACKEND": "cachelib", "SESSION_CACHELIB": "simple://"}
-    server = request.getfixturevalue(f"{backend_name}_server")
+    server = request.getfixturevalue(f"{name}_server")
     return {
         "SESSION_BACKEND": "cachelib",
         "SESSION_CACHELIB": server.url,
         "SESSION_KEY_PREFIX": f"{unique}:",
     }
+
+
+@pytest.fixture
+def backend_config(backend_name: str, request: pytest.FixtureRequest) -> dict[str, t.Any]:
+    """The config of the store under test, isolated per test."""
+    return store_config(request, backend_name)
 
 
 def add_routes(app: Flask) -> None:

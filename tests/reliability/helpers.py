@@ -4,41 +4,13 @@ from __future__ import annotations
 
 import os
 import typing as t
-import uuid
 
-import pytest
 from werkzeug.http import parse_cookie
 
 #: Every store, and those that live outside the test process.
 ALL_BACKENDS = ["filesystem", "sqlite", "postgres", "simple", "redis", "memcached"]
 SHARED_BACKENDS = ["filesystem", "sqlite", "postgres", "redis", "memcached"]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def store_config(request: pytest.FixtureRequest, name: str) -> dict[str, t.Any]:
-    """Like ``tests.conftest.backend_config``, usable from any fixture scope:
-    the ``SESSION_*`` config of store ``name``, isolated by a unique table or
-    key prefix on the shared servers."""
-    unique = "r" + uuid.uuid4().hex[:12]
-    if name == "filesystem":
-        return {}
-    if name == "sqlite":
-        return {"SESSION_BACKEND": "sqlalchemy"}
-    if name == "postgres":
-        server = request.getfixturevalue("postgres_server")
-        return {
-            "SESSION_BACKEND": "sqlalchemy",
-            "SESSION_SQLALCHEMY_URL": server.url,
-            "SESSION_SQLALCHEMY_TABLE": unique,
-        }
-    if name == "simple":
-        return {"SESSION_BACKEND": "cachelib", "SESSION_CACHELIB": "simple://"}
-    server = request.getfixturevalue(f"{name}_server")
-    return {
-        "SESSION_BACKEND": "cachelib",
-        "SESSION_CACHELIB": server.url,
-        "SESSION_KEY_PREFIX": f"{unique}:",
-    }
 
 
 class SetCookie(t.NamedTuple):

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.conftest import store_config
 from tests.reliability.figures import record
 from tests.reliability.helpers import ALL_BACKENDS
 from tests.reliability.helpers import ROOT
 from tests.reliability.helpers import session_set_cookie
 from tests.reliability.helpers import SetCookie
-from tests.reliability.helpers import store_config
 from tests.servers import free_port
 
 #: Clients sharing one session, and the increments each makes.

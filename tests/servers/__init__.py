@@ -98,6 +98,24 @@ class Server:
         os.kill(self.proc.pid, signal.SIGCONT)
 
 
+def launch(url: str, port: int, args: list[str]) -> Server:
+    """Start ``args`` as a quiet server listening on ``port``; wait for it."""
+    kwargs: dict[str, object] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    server = Server(
+        url=url,
+        port=port,
+        proc=subprocess.Popen(args, **kwargs),  # type: ignore[call-overload]
+        restart_args=args,
+        restart_kwargs=kwargs,
+    )
+    try:
+        wait_for_port(port, server.proc)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
 def _all_threads_stopped(pid: int) -> bool:
     tasks = f"/proc/{pid}/task"
     for tid in os.listdir(tasks):

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import os
 import pathlib
-import subprocess
 import sys
 
 from . import find_binary
 from . import free_port
+from . import launch
 from . import Server
-from . import wait_for_port
 
 
 def start(tmp_dir: pathlib.Path) -> Server:
@@ -28,20 +27,4 @@ def start(tmp_dir: pathlib.Path) -> Server:
     if sys.platform != "win32" and os.geteuid() == 0:
         # memcached refuses to run as root unless told which user to be.
         args += ["-u", "root"]
-    kwargs: dict[str, object] = {
-        "stdout": subprocess.DEVNULL,
-        "stderr": subprocess.DEVNULL,
-    }
-    server = Server(
-        url=f"memcached://127.0.0.1:{port}",
-        port=port,
-        proc=subprocess.Popen(args, **kwargs),  # type: ignore[call-overload]
-        restart_args=args,
-        restart_kwargs=kwargs,
-    )
-    try:
-        wait_for_port(port, server.proc)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    return launch(f"memcached://127.0.0.1:{port}", port, args)

@@ -8,12 +8,11 @@ it acknowledged before (the outage tests rely on that).
 from __future__ import annotations
 
 import pathlib
-import subprocess
 
 from . import find_binary
 from . import free_port
+from . import launch
 from . import Server
-from . import wait_for_port
 
 
 def start(tmp_dir: pathlib.Path) -> Server:
@@ -29,20 +28,4 @@ def start(tmp_dir: pathlib.Path) -> Server:
         *("--dir", str(tmp_dir), "--logfile", "redis.log"),
         *("--save", "", "--appendonly", "yes", "--appendfsync", "always"),
     ]
-    kwargs: dict[str, object] = {
-        "stdout": subprocess.DEVNULL,
-        "stderr": subprocess.DEVNULL,
-    }
-    server = Server(
-        url=f"redis://127.0.0.1:{port}/0",
-        port=port,
-        proc=subprocess.Popen(args, **kwargs),  # type: ignore[call-overload]
-        restart_args=args,
-        restart_kwargs=kwargs,
-    )
-    try:
-        wait_for_port(port, server.proc)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    return launch(f"redis://127.0.0.1:{port}/0", port, args)
