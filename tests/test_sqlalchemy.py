@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import stat
@@ -388,6 +389,10 @@ def pg_url(server: Server, **parts: t.Any) -> str:
     return sa.make_url(server.url).set(**parts).render_as_string(False)
 
 
+def pg_url_with(url: str, **query: str) -> str:
+    return sa.make_url(url).update_query_dict(query).render_as_string(False)
+
+
 @pytest.mark.parametrize(
     "parts",
     [{"port": "free"}, {"password": "wrong"}, {"database": "missing"}],
@@ -434,10 +439,218 @@ def test_outage_and_recovery(
     finally:
         stoppable_postgres.start_again()
 
-    # The pool's connections died with the server: pre-ping replaces them.
+    # The pool's connections died with the server: new ones replace them.
     assert backend.load("session:a") == (b"kept", pytest.approx(later(), abs=5))
     fresh.save("session:a", b"x", later())  # creates its table now
     assert fresh.load("session:a") is not None
+
+
+def fill_pool(engine: sa.Engine, connections: int = 3) -> None:
+    """Leave ``connections`` open connections in the engine's pool."""
+    with contextlib.ExitStack() as stack:
+        for _ in range(connections):
+            stack.enter_context(engine.connect()).exec_driver_sql("SELECT 1")
+
+
+@pytest.mark.parametrize("engine", ["ours", "passed in"])
+def test_restart_between_requests_costs_no_failure(
+    engine: str,
+    stoppable_postgres: Server,
+    make_backend: t.Callable[..., SQLAlchemyBackend],
+) -> None:
+    """Nothing uses the pool while the server restarts: its connections are
+    dead, and the first statement after the restart, whichever it is, runs
+    again on a new connection (no pre-ping, even on an engine passed in)."""
+    url = stoppable_postgres.url
+
+    if engine == "ours":
+        backend = make_backend(url=url)
+    else:
+        backend = make_backend(engine=sa.create_engine(url))
+
+    backend.save("session:a", b"kept", later())
+    calls: list[t.Callable[[], object]] = [
+        lambda: backend.load("session:a"),
+        lambda: backend.save("session:b", b"b", later()),
+        lambda: backend.touch("session:a", later(120)),
+        lambda: backend.count(time.time()),
+    ]
+
+    def locked_write() -> None:
+        with backend.lock("session:a"):
+            record = backend.load("session:a")
+            assert record is not None and record.data == b"kept"
+            backend.save("session:a", b"kept", later())
+
+    calls.append(locked_write)
+
+    for call in calls:
+        fill_pool(backend.engine)
+        stoppable_postgres.stop()
+        stoppable_postgres.start_again()
+        call()
+
+    assert backend.load("session:a") == (b"kept", pytest.approx(later(), abs=5))
+    assert backend.count(time.time()) == 2
+
+
+def terminate_connections(engine: sa.Engine, application_name: str) -> None:
+    """Terminate the server processes of ``application_name``'s connections."""
+    with engine.connect() as conn:
+        conn.execute(
+            sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = :name"
+            ),
+            {"name": application_name},
+        )
+
+
+def open_transactions(engine: sa.Engine) -> list[tuple[str, int]]:
+    """Connections inside a transaction, and advisory locks held."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT state, 0 FROM pg_stat_activity WHERE state LIKE 'idle in%'"
+                " UNION ALL SELECT locktype, objid::int FROM pg_locks"
+                " WHERE locktype = 'advisory'"
+            )
+        )
+        return [tuple(row) for row in rows]
+
+
+def test_connection_lost_inside_a_lock(
+    postgres_url: str, make_backend: t.Callable[..., SQLAlchemyBackend]
+) -> None:
+    """A statement inside the section is never run again on a new connection:
+    the section fails, nothing of it is committed, the lock is free."""
+    name = unique_table()
+    backend = make_backend(url=pg_url_with(postgres_url, application_name=name))
+    admin = sa.create_engine(postgres_url)
+    backend.save("session:a", b"old", later())
+
+    try:
+        with pytest.raises(backend.unavailable_errors), backend.lock("session:a"):
+            assert backend.load("session:a") is not None
+            terminate_connections(admin, name)
+            backend.save("session:a", b"new", later())
+            backend.delete("session:b")
+
+        assert backend.load("session:a") == (b"old", pytest.approx(later(), abs=5))
+        assert open_transactions(admin) == []
+
+        with backend.lock("session:a"):
+            backend.save("session:a", b"new", later())
+
+        assert backend.load("session:a") == (b"new", pytest.approx(later(), abs=5))
+    finally:
+        admin.dispose()
+
+
+def test_failed_commit_leaves_no_transaction_behind(
+    postgres_url: str, make_backend: t.Callable[..., SQLAlchemyBackend]
+) -> None:
+    """A save that the database refuses (here, a key longer than the column)
+    fails the section, which rolls back; no pooled connection stays inside a
+    transaction holding the lock."""
+    backend = make_backend(url=postgres_url)
+    admin = sa.create_engine(postgres_url)
+    backend.save("session:a", b"old", later())
+
+    try:
+        with pytest.raises(sa.exc.DataError), backend.lock("session:a"):
+            backend.save("session:a", b"new", later())
+            backend.save("x" * 201, b"too long a key", later())
+
+        assert backend.load("session:a") == (b"old", pytest.approx(later(), abs=5))
+        assert open_transactions(admin) == []
+
+        with backend.lock("session:a"):
+            backend.save("session:a", b"new", later())
+
+        assert backend.load("session:a") == (b"new", pytest.approx(later(), abs=5))
+    finally:
+        admin.dispose()
+
+
+def record_statements(engine: sa.Engine) -> list[str]:
+    """The statements sent on ``engine`` from now on (one round trip each)."""
+    statements: list[str] = []
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def before(*args: t.Any) -> None:
+        statements.append(args[2])
+
+    return statements
+
+
+def test_round_trips(url: str, make_backend: t.Callable[..., SQLAlchemyBackend]) -> None:
+    """A read is one SELECT; a write (read, then lock, re-read and save, as
+    the store does) is three round trips on PostgreSQL, and no isolation
+    level switches."""
+    backend = make_backend(url=url)
+    backend.save("session:a", b"x", later())
+    statements = record_statements(backend.engine)
+
+    assert backend.load("session:a") is not None
+    assert len(statements) == 1 and statements[0].startswith("SELECT")
+
+    statements.clear()
+    backend.load("session:a")
+
+    with backend.lock("session:a"):
+        assert backend.load("session:a") is not None
+        backend.save("session:a", b"y", later())
+
+    if backend.engine.dialect.name == "postgresql":
+        assert len(statements) == 3, statements
+        assert statements[1].startswith("BEGIN ISOLATION LEVEL READ COMMITTED;")
+        assert statements[2].endswith("; COMMIT")
+    else:
+        assert [s.split()[0] for s in statements] == [
+            "SELECT",
+            "BEGIN",
+            "SELECT",
+            "INSERT",
+            "COMMIT",
+        ]
+        assert statements[1] == "BEGIN IMMEDIATE"
+
+    assert backend.load("session:a") == (b"y", pytest.approx(later(), abs=5))
+
+
+def test_locked_load_sees_the_previous_holders_commit(
+    url: str, make_backend: t.Callable[..., SQLAlchemyBackend]
+) -> None:
+    """The row read with the lock is read after the lock is taken; it only
+    answers a load of that key that comes first in the section."""
+    backend = make_backend(url=url)
+    backend.save("session:a", b"old", later())
+    held = threading.Event()
+
+    def write_late() -> None:
+        with backend.lock("session:a"):
+            held.set()
+            time.sleep(0.3)
+            backend.save("session:a", b"new", later())
+
+    thread = threading.Thread(target=write_late)
+    thread.start()
+
+    try:
+        assert held.wait(10)
+
+        with backend.lock("session:a"):  # waits for write_late to commit
+            assert backend.load("session:b") is None
+            assert backend.load("session:a") == (b"new", pytest.approx(later(), abs=5))
+            backend.save("session:a", b"mine", later())
+            assert backend.load("session:a") == (b"mine", pytest.approx(later(), abs=5))
+            backend.delete("session:a")
+            assert backend.load("session:a") is None
+    finally:
+        thread.join()
+
+    assert backend.load("session:a") is None
 
 
 def test_flask_sqlalchemy_session_is_left_alone(

@@ -7,6 +7,7 @@ back the application's work.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -23,6 +24,9 @@ from sqlalchemy.dialects import sqlite
 from .base import Backend
 from .base import Record
 
+A = t.TypeVar("A")
+R = t.TypeVar("R")
+
 #: Seconds to wait for a database server to accept a connection.
 _CONNECT_TIMEOUT = 5
 #: Seconds :meth:`SQLAlchemyBackend.lock` waits for another holder of the
@@ -33,10 +37,16 @@ _LOCK_TIMEOUT = 10
 #: included): about 30 ms in a table of 10^6 rows.
 _CLEANUP_BATCH = 1000
 
+#: The single-statement upsert of each database that has one; others update,
+#: then insert if no row was updated.
 _UPSERTS: dict[str, t.Callable[[sa.Table], postgresql.Insert | sqlite.Insert]] = {
     "postgresql": postgresql.insert,
     "sqlite": sqlite.insert,
 }
+
+#: How :meth:`SQLAlchemyBackend.lock` excludes others, per database; others
+#: lock the key's row (``SELECT ... FOR UPDATE``).
+_LOCKS = {"postgresql": "advisory", "sqlite": "database"}
 
 
 def make_table(name: str, metadata: sa.MetaData) -> sa.Table:
@@ -62,10 +72,95 @@ def make_table(name: str, metadata: sa.MetaData) -> sa.Table:
     )
 
 
-class _Held(threading.local):
-    """The connection of the :meth:`SQLAlchemyBackend.lock` open in a thread."""
+class _Section(threading.local):
+    """The :meth:`SQLAlchemyBackend.lock` open in a thread."""
 
+    #: The connection of its transaction.
     conn: sa.Connection | None = None
+    #: ``(key, record)``: the record read in the round trip that took the
+    #: lock, which answers the section's first call if that loads ``key``.
+    prefetched: tuple[str, Record | None] | None = None
+    #: The row of a save not sent yet: it goes with the COMMIT, or before
+    #: the section's next statement.
+    pending: dict[str, t.Any] | None = None
+
+
+class _Statements:
+    """Every statement the backend runs per request, built once.
+
+    Executing a prebuilt statement skips SQLAlchemy's construction, coercion
+    and cache-key work, which is most of the cost of a SQLite read.
+    """
+
+    def __init__(self, table: sa.Table, dialect: sa.Dialect, own_engine: bool) -> None:
+        c = table.c
+        key = sa.bindparam("key", type_=c.id.type)
+        now = sa.bindparam("now", type_=c.expires.type)
+        new_expires = sa.bindparam("new_expires", type_=c.expires.type)
+
+        #: One indexed lookup, which skips an expired row.
+        self.select = sa.select(c.data, c.expires).where(c.id == key, c.expires > now)
+        # An expired record stays expired: touching must not revive it.
+        self.touch = (
+            sa.update(table).where(c.id == key, c.expires > now).values(expires=new_expires)
+        )
+        self.delete = sa.delete(table).where(c.id == key)
+        #: Executed with the ``id``, ``data`` and ``expires`` of a row.
+        self.insert = sa.insert(table)
+        self.update = (
+            sa.update(table)
+            .where(c.id == key)
+            .values(data=sa.bindparam("new_data", type_=c.data.type), expires=new_expires)
+        )
+        self.upsert: sa.Executable | None = None
+
+        if dialect.name in _UPSERTS:
+            insert = _UPSERTS[dialect.name](table)
+            self.upsert = insert.on_conflict_do_update(
+                index_elements=[c.id],
+                set_={"data": insert.excluded.data, "expires": insert.excluded.expires},
+            )
+
+        #: ``"advisory"``, ``"database"`` or ``"row"``: see
+        #: :meth:`SQLAlchemyBackend.lock`.
+        self.lock_kind = _LOCKS.get(dialect.name, "row")
+        self.lock_timeout = sa.text(f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}s'")
+        self.advisory_lock = sa.select(
+            sa.func.pg_advisory_xact_lock(sa.bindparam("lock_id", type_=sa.BigInteger))
+        )
+        # A write as the transaction's first statement takes SQLite's write
+        # lock now, as BEGIN IMMEDIATE would, however the engine begins.
+        self.write_lock = sa.update(table).where(sa.false()).values(id=c.id)
+        self.row_lock = sa.select(c.id).where(c.id == key).with_for_update()
+
+        #: For the engine built from a URL, whose driver connection is in
+        #: autocommit mode: the SQL that begins a section's transaction and
+        #: takes its lock (``None``: begin through SQLAlchemy instead).
+        self.begin: str | None = None
+        #: Whether :attr:`begin` ends with the :attr:`select` of the key.
+        self.begin_reads = False
+        #: The :attr:`upsert` followed by ``COMMIT``, to end a section that
+        #: saved (``None``: save at once, and commit apart).
+        self.upsert_commit: str | None = None
+
+        if own_engine and self.lock_kind == "database":
+            self.begin = "BEGIN IMMEDIATE"
+        elif own_engine and self.lock_kind == "advisory" and dialect.driver == "psycopg2":
+            # psycopg2 binds parameters itself and sends several statements
+            # in one message. One round trip begins the transaction, bounds
+            # the lock wait, takes the lock and reads the key's row (each
+            # statement takes its snapshot as it starts, so after the lock);
+            # another writes the row and commits.
+            self.begin = (
+                "BEGIN ISOLATION LEVEL READ COMMITTED;"
+                f" SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}s';"
+                " SELECT pg_advisory_xact_lock(%(lock_id)s);"
+                f" {self.select.compile(dialect=dialect)}"
+            )
+            self.begin_reads = True
+
+            if self.upsert is not None:
+                self.upsert_commit = f"{self.upsert.compile(dialect=dialect)}; COMMIT"
 
 
 class SQLAlchemyBackend(Backend):
@@ -76,13 +171,21 @@ class SQLAlchemyBackend(Backend):
     (and its index on ``expires``) is created then, if ``create_table`` is
     true.
 
-    An engine built from ``url`` checks pooled connections before using them,
-    so a database restart costs no failed request; on a database server it
-    runs each statement outside :meth:`lock` in autocommit mode (no BEGIN
-    and COMMIT round trips). On SQLite it uses WAL mode
-    (readers never wait for a writer) with ``synchronous=NORMAL``, and
-    creates the database file with mode 0o600. An engine passed in is used
-    as configured; give it ``pool_pre_ping=True`` for the same resilience.
+    A statement that fails because its pooled connection was dead (the
+    database server restarted) runs again, once, on a new connection, unless
+    it was part of a transaction that had done something already: a
+    restart costs no failed request, and the pool is not pinged before
+    every use. This holds for an engine passed in too.
+
+    An engine built from ``url`` runs each statement outside :meth:`lock`
+    in autocommit mode (no BEGIN and COMMIT round trips), and :meth:`lock`
+    begins and ends its transaction in SQL, without isolation level
+    switches (on PostgreSQL with psycopg2, locking, re-reading and saving a
+    record take two round trips). On SQLite it uses WAL mode (readers never
+    wait for a writer) with ``synchronous=NORMAL``, and creates the
+    database file with mode 0o600.
+    An engine passed in is used as configured: every statement outside
+    :meth:`lock` runs in a transaction of its own.
 
     An in-memory SQLite database is refused: it cannot be shared between
     connections or processes.
@@ -122,52 +225,66 @@ class SQLAlchemyBackend(Backend):
         _reject_memory_database(self.engine)
         self.table = make_table(table, sa.MetaData())
         self.create_table = create_table
+        #: Whether the engine is ours, built by :func:`_create_engine`.
+        self._own_engine = url is not None
         self._prefix = ""
-        self._ready = False
+        self._statements: _Statements | None = None
         self._ready_lock = threading.Lock()
-        self._held = _Held()
+        self._section = _Section()
 
     def configure(self, prefix: str) -> None:
         self._prefix = prefix
 
     def load(self, key: str) -> Record | None:
-        query = sa.select(self.table.c.data, self.table.c.expires).where(
-            self.table.c.id == key, self.table.c.expires > _now()
-        )
+        section = self._section
 
-        with self._connect() as conn:
-            row = conn.execute(query).first()
+        if section.prefetched is not None and section.conn is not None:
+            (prefetched_key, record), section.prefetched = section.prefetched, None
 
-        if row is None:
-            return None
+            if prefetched_key == key:
+                return record
 
-        return Record(bytes(row.data), _timestamp(row.expires))
+        return self._run(self._select, key)
+
+    def _select(self, conn: sa.Connection, key: str) -> Record | None:
+        return _record(conn.execute(self._sql.select, {"key": key, "now": _now()}).first())
 
     def save(self, key: str, data: bytes, expires: float) -> None:
-        values = {"id": key, "data": data, "expires": _datetime(expires)}
+        row = {"id": key, "data": data, "expires": _datetime(expires)}
+        section = self._section
 
-        with self._connect() as conn:
-            if conn.dialect.name in _UPSERTS:
-                self._upsert(conn, values)
-            else:
-                self._update_or_insert(conn, values)
+        if section.conn is not None and self._sql.upsert_commit is not None:
+            self._flush(section)
+            section.prefetched = None
+            section.pending = row  # sent with the COMMIT
+            return
+
+        self._run(self._save, row)
+
+    def _save(self, conn: sa.Connection, row: dict[str, t.Any]) -> None:
+        sql = self._sql
+
+        if sql.upsert is not None:
+            conn.execute(sql.upsert, row)
+            return
+
+        # Replace a row on databases without an upsert statement.
+        values = {"key": row["id"], "new_data": row["data"], "new_expires": row["expires"]}
+
+        if conn.execute(sql.update, values).rowcount == 0:
+            conn.execute(sql.insert, row)
 
     def touch(self, key: str, expires: float) -> None:
-        # An expired record stays expired: touching must not revive it.
-        stmt = (
-            sa.update(self.table)
-            .where(self.table.c.id == key, self.table.c.expires > _now())
-            .values(expires=_datetime(expires))
-        )
+        self._run(self._touch, {"key": key, "now": _now(), "new_expires": _datetime(expires)})
 
-        with self._connect() as conn:
-            conn.execute(stmt)
+    def _touch(self, conn: sa.Connection, values: dict[str, t.Any]) -> None:
+        conn.execute(self._sql.touch, values)
 
     def delete(self, key: str) -> bool:
-        with self._connect() as conn:
-            result = conn.execute(sa.delete(self.table).where(self.table.c.id == key))
+        return self._run(self._delete, key)
 
-        return result.rowcount > 0
+    def _delete(self, conn: sa.Connection, key: str) -> bool:
+        return conn.execute(self._sql.delete, {"key": key}).rowcount > 0
 
     @contextmanager
     def lock(self, key: str) -> t.Iterator[None]:
@@ -176,38 +293,46 @@ class SQLAlchemyBackend(Backend):
         Every call this thread makes on the backend inside the section runs
         in that transaction, which commits when the section ends (or rolls
         back if it raises). A section entered again from inside joins it.
+        Reads after the lock see the latest commits (``READ COMMITTED``,
+        where the database has isolation levels).
 
         -   PostgreSQL: a transaction-level advisory lock on a 64-bit hash of
             the key, so it covers a key that has no row yet.
-        -   SQLite: the database's write lock. Other writers wait; readers
-            don't, in WAL mode.
+        -   SQLite: the database's write lock (``BEGIN IMMEDIATE``). Other
+            writers wait; readers don't, in WAL mode.
         -   Other databases: a row lock (``SELECT ... FOR UPDATE``), which
             excludes others while the record exists.
 
         Waiting is bounded: after ten seconds (on SQLite, the engine's busy
         timeout) the database raises an error listed in
         :attr:`unavailable_errors`.
-        """
-        conn = self._held.conn
 
-        if conn is not None:
-            self._acquire(conn, key)
+        On the engine built from a PostgreSQL URL with psycopg2, taking the
+        lock also reads the key's row (the section's first :meth:`load` of
+        that key gets it), and a :meth:`save` is sent with the ``COMMIT``,
+        or before the section's next statement: if the database refuses it,
+        the error is raised when the section ends, and nothing is committed.
+        """
+        section = self._section
+
+        if section.conn is not None:
+            self._flush(section)
+            section.prefetched = None
+            self._acquire(section.conn, key)
             yield
             return
 
-        self._ensure_table()
+        self._start()
+        transaction = self._explicit if self._sql.begin is not None else self._managed
 
-        with self.engine.connect() as conn:
-            conn.execution_options(isolation_level=_lock_isolation(conn.dialect))
+        with transaction(key) as conn:
+            section.conn = conn
 
-            with conn.begin():
-                self._acquire(conn, key)
-                self._held.conn = conn
-
-                try:
-                    yield
-                finally:
-                    self._held.conn = None
+            try:
+                yield
+            finally:
+                section.conn = None
+                section.prefetched = None
 
     def cleanup(self, now: float) -> t.Iterator[int]:
         """Delete expired rows, at most 1000 per statement and transaction."""
@@ -219,8 +344,7 @@ class SQLAlchemyBackend(Backend):
         stmt = sa.delete(self.table).where(self.table.c.id.in_(expired))
 
         while True:
-            with self._connect() as conn:
-                removed = conn.execute(stmt).rowcount
+            removed = self._run(_rowcount, stmt)
 
             if removed:
                 yield removed
@@ -235,50 +359,148 @@ class SQLAlchemyBackend(Backend):
             .where(self._own_rows(), self.table.c.expires > _datetime(now))
         )
 
-        with self._connect() as conn:
-            return int(conn.execute(query).scalar_one())
+        return self._run(_scalar_int, query)
 
     def clear(self) -> int:
-        with self._connect() as conn:
-            return conn.execute(sa.delete(self.table).where(self._own_rows())).rowcount
+        return self._run(_rowcount, sa.delete(self.table).where(self._own_rows()))
 
-    @contextmanager
-    def _connect(self) -> t.Iterator[sa.Connection]:
-        """Use the transaction of the current :meth:`lock`, or a new one."""
-        conn = self._held.conn
+    @property
+    def _sql(self) -> _Statements:
+        assert self._statements is not None, "used before _start()"
+        return self._statements
 
-        if conn is not None:
-            yield conn
-            return
+    def _run(self, work: t.Callable[[sa.Connection, A], R], arg: A) -> R:
+        """Call ``work(conn, arg)`` in the transaction of the current
+        :meth:`lock`, or else on its own (an engine passed in: in a
+        transaction of its own), again on a new connection if the pooled
+        one was dead."""
+        section = self._section
 
-        self._ensure_table()
+        if section.conn is not None:
+            self._flush(section)
+            section.prefetched = None
+            return work(section.conn, arg)
+
+        self._start()
+        return self._retrying(lambda: self._run_alone(work, arg))
+
+    def _run_alone(self, work: t.Callable[[sa.Connection, A], R], arg: A) -> R:
+        if self._own_engine:  # autocommit: each statement commits
+            with self.engine.connect() as conn:
+                return work(conn, arg)
 
         with self.engine.begin() as conn:
+            return work(conn, arg)
+
+    def _retrying(self, func: t.Callable[[], R]) -> R:
+        """Call ``func`` again, once, if a connection it used turned out to
+        be dead.
+
+        A database server that restarted leaves dead connections in the
+        pool. SQLAlchemy flags the error (``connection_invalidated``) and
+        replaces every connection the pool had then; ``func`` must have had
+        no effect when it fails this way (a statement on its own, or the
+        start of a transaction).
+        """
+        try:
+            return func()
+        except sa.exc.DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+
+        return func()
+
+    @contextmanager
+    def _managed(self, key: str) -> t.Iterator[sa.Connection]:
+        """The transaction of a section, begun and ended by SQLAlchemy as
+        the engine does it: for an engine passed in."""
+        conn = self._retrying(lambda: self._begin_managed(key))
+
+        with conn:  # closing rolls back what is not committed
             yield conn
+            conn.commit()
+
+    @contextmanager
+    def _explicit(self, key: str) -> t.Iterator[sa.Connection]:
+        """The transaction of a section, begun and ended in SQL on a driver
+        connection in autocommit mode: for our engine. No isolation level
+        switches back and forth, and a pending save goes with the COMMIT."""
+        conn = self._retrying(lambda: self._begin_explicit(key))
+
+        try:
+            yield conn
+        except BaseException:
+            self._section.pending = None
+
+            with contextlib.suppress(Exception):
+                _end(conn, "ROLLBACK")
+
+            raise
+        else:
+            row, self._section.pending = self._section.pending, None
+
+            if row is None:
+                _end(conn, "COMMIT")
+            else:
+                assert self._sql.upsert_commit is not None
+                _end(conn, self._sql.upsert_commit, row)
+        finally:
+            conn.close()
+
+    def _begin_managed(self, key: str) -> sa.Connection:
+        """Check out a connection, begin a transaction, take the lock."""
+        conn = self.engine.connect()
+
+        try:
+            conn.execution_options(isolation_level=_lock_isolation(conn.dialect))
+            conn.begin()
+            self._acquire(conn, key)
+        except BaseException:
+            conn.close()  # rolls back
+            raise
+
+        return conn
+
+    def _begin_explicit(self, key: str) -> sa.Connection:
+        """Check out a connection, begin a transaction and take the lock in
+        one statement (on PostgreSQL, read the key's row too)."""
+        sql = self._sql
+        assert sql.begin is not None
+        conn = self.engine.connect()
+
+        try:
+            if sql.begin_reads:
+                params = {"lock_id": _lock_id(key), "key": key, "now": _now()}
+                row = conn.exec_driver_sql(sql.begin, params).first()
+                self._section.prefetched = (key, _record(row))
+            else:
+                conn.exec_driver_sql(sql.begin)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                _end(conn, "ROLLBACK")
+
+            conn.close()
+            raise
+
+        return conn
+
+    def _flush(self, section: _Section) -> None:
+        """Send the section's pending save, before another statement."""
+        if section.pending is not None and section.conn is not None:
+            row, section.pending = section.pending, None
+            self._save(section.conn, row)
 
     def _acquire(self, conn: sa.Connection, key: str) -> None:
         """Lock ``key`` until the end of the transaction of ``conn``."""
-        _LOCKS.get(conn.dialect.name, _lock_row)(conn, self.table, key)
+        sql = self._sql
 
-    def _upsert(self, conn: sa.Connection, values: dict[str, t.Any]) -> None:
-        stmt = _UPSERTS[conn.dialect.name](self.table).values(values)
-        conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[self.table.c.id],
-                set_={"data": stmt.excluded.data, "expires": stmt.excluded.expires},
-            )
-        )
-
-    def _update_or_insert(self, conn: sa.Connection, values: dict[str, t.Any]) -> None:
-        """Replace a row on databases without an upsert statement."""
-        update = (
-            sa.update(self.table)
-            .where(self.table.c.id == values["id"])
-            .values(data=values["data"], expires=values["expires"])
-        )
-
-        if conn.execute(update).rowcount == 0:
-            conn.execute(sa.insert(self.table).values(values))
+        if sql.lock_kind == "advisory":
+            conn.execute(sql.lock_timeout)
+            conn.execute(sql.advisory_lock, {"lock_id": _lock_id(key)})
+        elif sql.lock_kind == "database":
+            conn.execute(sql.write_lock)
+        else:
+            conn.execute(sql.row_lock, {"key": key})
 
     def _own_rows(self) -> sa.ColumnElement[bool]:
         """Select the rows under this backend's key prefix."""
@@ -287,13 +509,13 @@ class SQLAlchemyBackend(Backend):
 
         return self.table.c.id.startswith(self._prefix, autoescape=True)
 
-    def _ensure_table(self) -> None:
-        """Create or check the table, once, on first use."""
-        if self._ready:
+    def _start(self) -> None:
+        """On first use: create or check the table, build the statements."""
+        if self._statements is not None:
             return
 
         with self._ready_lock:
-            if self._ready:
+            if self._statements is not None:
                 return
 
             if self.create_table:
@@ -307,7 +529,7 @@ class SQLAlchemyBackend(Backend):
                     " extension create it."
                 )
 
-            self._ready = True
+            self._statements = _Statements(self.table, self.engine.dialect, self._own_engine)
 
     def _create_table(self) -> None:
         try:
@@ -322,15 +544,43 @@ class SQLAlchemyBackend(Backend):
             return sa.inspect(conn).has_table(self.table.name)
 
 
+def _end(conn: sa.Connection, sql: str, params: dict[str, t.Any] | None = None) -> None:
+    """End a transaction begun in SQL: ``sql`` ends with ``COMMIT`` or is
+    ``ROLLBACK``.
+
+    The driver's ``rollback()``, which the pool calls on a returned
+    connection, does nothing in autocommit mode; so a connection whose
+    transaction could not be ended is discarded: the pool never hands out a
+    connection inside a transaction (holding a lock).
+    """
+    if conn.invalidated:  # a dead connection: its transaction died with it
+        return
+
+    try:
+        conn.exec_driver_sql(sql, params)
+    except BaseException:
+        if not conn.invalidated:
+            conn.invalidate()
+
+        raise
+
+
 def _create_engine(url: str) -> sa.Engine:
     """Build an engine whose waits are bounded.
 
-    Connecting happens on first use, not here.
+    Its driver connections are in autocommit mode: each statement outside
+    :meth:`SQLAlchemyBackend.lock` stands alone, without BEGIN and COMMIT
+    round trips, and ``lock()`` begins its transaction in SQL. Connecting
+    happens on first use, not here.
     """
     parsed = sa.make_url(url)
 
     if parsed.get_backend_name() == "sqlite":
-        engine = sa.create_engine(parsed, connect_args=_timeout(parsed, "timeout", _LOCK_TIMEOUT))
+        engine = sa.create_engine(
+            parsed,
+            isolation_level="AUTOCOMMIT",
+            connect_args=_timeout(parsed, "timeout", _LOCK_TIMEOUT),
+        )
         sa.event.listen(engine, "do_connect", _create_sqlite_file)
         sa.event.listen(engine, "connect", _configure_sqlite)
         return engine
@@ -340,15 +590,12 @@ def _create_engine(url: str) -> sa.Engine:
     if parsed.get_driver_name() in {"psycopg2", "psycopg"}:
         connect_args = _timeout(parsed, "connect_timeout", _CONNECT_TIMEOUT)
 
-    # Each statement outside lock() stands alone: autocommit saves the
-    # BEGIN and COMMIT round trips. lock() opens a real transaction.
-    return sa.create_engine(
-        parsed, pool_pre_ping=True, isolation_level="AUTOCOMMIT", connect_args=connect_args
-    )
+    return sa.create_engine(parsed, isolation_level="AUTOCOMMIT", connect_args=connect_args)
 
 
 def _lock_isolation(dialect: sa.Dialect) -> str:
-    """The isolation level of the transaction of :meth:`SQLAlchemyBackend.lock`.
+    """The isolation level of the transaction of :meth:`SQLAlchemyBackend.lock`
+    on an engine passed in.
 
     A real transaction, whatever the engine's default (``"AUTOCOMMIT"``
     included), in which reads after the lock see the latest commits (under
@@ -429,32 +676,26 @@ def _use_wal(cursor: t.Any, locked_error: type[Exception]) -> bool:
     return True
 
 
-def _lock_advisory(conn: sa.Connection, table: sa.Table, key: str) -> None:
-    """PostgreSQL: an advisory lock on a hash of the key, which covers a key
-    that has no row."""
-    conn.execute(sa.text(f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}s'"))
+def _lock_id(key: str) -> int:
+    """The PostgreSQL advisory lock of a key: a 64-bit hash of it."""
     digest = hashlib.sha256(key.encode()).digest()
-    lock_id = int.from_bytes(digest[:8], "big", signed=True)
-    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.literal(lock_id, sa.BigInteger))))
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
-def _lock_database(conn: sa.Connection, table: sa.Table, key: str) -> None:
-    """SQLite: the database's write lock. Readers go on, in WAL mode.
+def _record(row: t.Any) -> Record | None:
+    """The record of a selected ``(data, expires)`` row."""
+    if row is None:
+        return None
 
-    A write as the transaction's first statement takes the lock now, waiting
-    up to the busy timeout, as ``BEGIN IMMEDIATE`` would, however the engine
-    begins its transactions.
-    """
-    conn.execute(sa.update(table).where(sa.false()).values(id=table.c.id))
+    return Record(bytes(row[0]), _timestamp(row[1]))
 
 
-def _lock_row(conn: sa.Connection, table: sa.Table, key: str) -> None:
-    """Other databases: a row lock, which excludes others while the record
-    exists (merging only matters then)."""
-    conn.execute(sa.select(table.c.id).where(table.c.id == key).with_for_update())
+def _rowcount(conn: sa.Connection, stmt: sa.Executable) -> int:
+    return int(conn.execute(stmt).rowcount)
 
 
-_LOCKS = {"postgresql": _lock_advisory, "sqlite": _lock_database}
+def _scalar_int(conn: sa.Connection, stmt: sa.Executable) -> int:
+    return int(conn.execute(stmt).scalar_one())
 
 
 def _now() -> datetime:
