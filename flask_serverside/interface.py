@@ -6,6 +6,8 @@ import logging
 import threading
 import time
 import typing as t
+from datetime import datetime
+from datetime import timezone
 
 from flask.sessions import SessionInterface
 
@@ -86,13 +88,10 @@ class ServerSideSessionInterface(SessionInterface):
         self._schedule_cleanup(response)
         if session.accessed:
             response.vary.add("Cookie")
-        try:
-            needed = self._needs_saving(app, session)
-        except BackendUnavailable as exc:
-            # The load that refreshes the cookie failed: a 503, as in a view.
-            _replace_response(response, exc)
+        if session.load_failed or session.save_attempted:
             return
-        if not needed:
+        if not session.loaded:
+            self._refresh_unloaded(app, session, response)
             return
         # Flask calls save_session again when this one raises; don't retry.
         session.save_attempted = True
@@ -104,28 +103,31 @@ class ServerSideSessionInterface(SessionInterface):
         self._send_signals(app, session, outcome)
         self._update_cookie(app, session, response, outcome)
 
-    def _needs_saving(self, app: Flask, session: ServerSideSession) -> bool:
-        if session.load_failed or session.save_attempted:
-            return False
-        if session.loaded:
-            return True
-        if session.accessed and session.cookie_sid and app.config["SESSION_REFRESH_EACH_REQUEST"]:
-            # Only the ID was read: load to refresh a cookie for a live session.
-            session.data  # noqa: B018
-            return True
-        return False
+    def _refresh_unloaded(
+        self, app: Flask, session: ServerSideSession, response: Response
+    ) -> None:
+        """Refresh the cookie of a request that read only the session ID.
+
+        The store is not contacted, so the permanent flag is the default one;
+        the stored expiry is extended when the data is next used.
+        """
+        sid = session.cookie_sid
+        refresh = self.permanent and app.config["SESSION_REFRESH_EACH_REQUEST"]
+        if sid is not None and session.accessed and refresh:
+            expires = datetime.now(timezone.utc) + app.permanent_session_lifetime
+            self._set_cookie(app, response, sid, expires)
 
     def _update_cookie(
         self, app: Flask, session: ServerSideSession, response: Response, outcome: Outcome
     ) -> None:
         if outcome in (Outcome.CREATED, Outcome.WRITTEN):
-            self._set_cookie(app, session, response)
+            self._set_session_cookie(app, session, response)
         elif outcome is Outcome.EMPTIED or (
             outcome is Outcome.NOTHING and (session.destroyed or session.cookie_sid)
         ):
             self._delete_cookie(app, response)
         elif outcome is Outcome.KEPT and self.should_set_cookie(app, session):
-            self._set_cookie(app, session, response)
+            self._set_session_cookie(app, session, response)
 
     def _cookie_options(self, app: Flask) -> dict[str, t.Any]:
         return {
@@ -137,11 +139,18 @@ class ServerSideSessionInterface(SessionInterface):
             "partitioned": self.get_cookie_partitioned(app),
         }
 
-    def _set_cookie(self, app: Flask, session: ServerSideSession, response: Response) -> None:
+    def _set_session_cookie(
+        self, app: Flask, session: ServerSideSession, response: Response
+    ) -> None:
+        self._set_cookie(app, response, session.sid, self.get_expiration_time(app, session))
+
+    def _set_cookie(
+        self, app: Flask, response: Response, sid: str, expires: datetime | None
+    ) -> None:
         response.set_cookie(
             self.get_cookie_name(app),
-            self.cookie_value(app, session.sid),
-            expires=self.get_expiration_time(app, session),
+            self.cookie_value(app, sid),
+            expires=expires,
             **self._cookie_options(app),
         )
 

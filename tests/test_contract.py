@@ -169,15 +169,19 @@ class TestContract:
         start_session(client, a="1")
         assert session_cookie(client.get("/get/a")) is None
 
-    def test_reading_only_sid_still_refreshes_cookie(self, app: Flask) -> None:
-        client = app.test_client()
+    def test_reading_only_sid_still_refreshes_cookie(
+        self, make_app: t.Callable[..., Flask]
+    ) -> None:
+        client = make_app().test_client()
         sid = start_session(client, a="1")
         response = client.get("/sid")
         assert response.text == sid and session_cookie(response) == sid
+        assert "Expires" in set_cookies(response)["session"]
+        client = make_app(SESSION_REFRESH_EACH_REQUEST=False).test_client()
+        start_session(client, a="1")
+        assert session_cookie(client.get("/sid")) is None
 
-    def test_reading_sid_does_not_load(self, make_app: t.Callable[..., Flask]) -> None:
-        app = make_app(SESSION_REFRESH_EACH_REQUEST=False)
-        client = app.test_client()
+    def test_reading_sid_does_not_load(self, app: Flask, client: FlaskClient) -> None:
         sid = start_session(client, a="1")
         app.backend.calls.clear()  # type: ignore[attr-defined]
         response = client.get("/sid")
