@@ -19,6 +19,7 @@ from flask_serverside.extension import _defaults
 from flask_serverside.extension import _make_backend
 from tests.servers import Server
 from tests.servers import ServerNotFound
+from tests.wrappers import DelegatingBackend
 
 #: Every store the contract tests run on.
 BACKENDS = ["filesystem", "sqlite", "postgres", "simple", "redis", "memcached"]
@@ -61,16 +62,14 @@ redis_server = _server_fixture("redis")
 memcached_server = _server_fixture("memcached")
 
 
-class CountingBackend(Backend):
+class CountingBackend(DelegatingBackend):
     """A real backend that records which of its methods were called, and
     with which keys, so tests can say what a request cost."""
 
     def __init__(self, inner: Backend) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.calls: Counter[str] = Counter()
         self.keys: list[str] = []
-        self.unavailable_errors = inner.unavailable_errors
-        self.native_expiry = inner.native_expiry
 
     def _note(self, name: str, key: str | None = None) -> None:
         self.calls[name] += 1
@@ -79,36 +78,27 @@ class CountingBackend(Backend):
 
     def load(self, key: str) -> Record | None:
         self._note("load", key)
-        return self.inner.load(key)
+        return super().load(key)
 
     def save(self, key: str, data: bytes, expires: float) -> None:
         self._note("save", key)
-        self.inner.save(key, data, expires)
+        super().save(key, data, expires)
 
     def touch(self, key: str, expires: float) -> None:
         self._note("touch", key)
-        self.inner.touch(key, expires)
+        super().touch(key, expires)
 
     def delete(self, key: str) -> bool:
         self._note("delete", key)
-        return self.inner.delete(key)
+        return super().delete(key)
 
     def lock(self, key: str) -> t.Any:
         self._note("lock", key)
-        return self.inner.lock(key)
+        return super().lock(key)
 
     def cleanup(self, now: float) -> Iterator[int]:
         self._note("cleanup")
-        return self.inner.cleanup(now)
-
-    def count(self, now: float) -> int:
-        return self.inner.count(now)
-
-    def clear(self) -> int:
-        return self.inner.clear()
-
-    def configure(self, prefix: str) -> None:
-        self.inner.configure(prefix)
+        return super().cleanup(now)
 
     @property
     def total(self) -> int:

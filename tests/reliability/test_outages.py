@@ -32,13 +32,13 @@ from flask.testing import FlaskClient
 
 from flask_serverside.backends import Backend
 from flask_serverside.backends import cachelib as cachelib_backend
-from flask_serverside.backends import Record
 from tests.conftest import build_app
 from tests.conftest import start_server
 from tests.reliability.figures import fact_max
 from tests.reliability.figures import record
 from tests.reliability.helpers import session_set_cookie
 from tests.servers import Server
+from tests.wrappers import DelegatingBackend
 
 #: The cache clients' socket timeout during these tests (seconds).
 TIMEOUT = 0.5
@@ -79,42 +79,19 @@ def fast_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cachelib_backend, "SOCKET_TIMEOUT", TIMEOUT)
 
 
-class BreakInSave(Backend):
+class BreakInSave(DelegatingBackend):
     """The app's backend; :attr:`armed`, if set, is called once inside the
     next record write (under the session lock), before the write itself."""
 
     def __init__(self, inner: Backend) -> None:
-        self.inner = inner
-        self.unavailable_errors = inner.unavailable_errors
-        self.native_expiry = inner.native_expiry
+        super().__init__(inner)
         self.armed: Callable[[], None] | None = None
-
-    def load(self, key: str) -> Record | None:
-        return self.inner.load(key)
 
     def save(self, key: str, data: bytes, expires: float) -> None:
         armed, self.armed = self.armed, None
         if armed is not None:
             armed()
         self.inner.save(key, data, expires)
-
-    def touch(self, key: str, expires: float) -> None:
-        self.inner.touch(key, expires)
-
-    def delete(self, key: str) -> bool:
-        return self.inner.delete(key)
-
-    def lock(self, key: str) -> t.Any:
-        return self.inner.lock(key)
-
-    def cleanup(self, now: float) -> Iterator[int]:
-        return self.inner.cleanup(now)
-
-    def count(self, now: float) -> int:
-        return self.inner.count(now)
-
-    def clear(self) -> int:
-        return self.inner.clear()
 
 
 def wrapper(app: Flask) -> BreakInSave:

@@ -16,7 +16,6 @@ import sqlite3
 import threading
 import time
 import typing as t
-from collections.abc import Iterator
 from urllib.parse import unquote
 
 import pytest
@@ -28,11 +27,11 @@ from itsdangerous import Signer
 
 from flask_serverside import ids
 from flask_serverside.backends import Backend
-from flask_serverside.backends import Record
 from tests.conftest import build_app
 from tests.reliability.figures import record
 from tests.reliability.helpers import session_set_cookie
 from tests.reliability.helpers import SetCookie
+from tests.wrappers import DelegatingBackend
 
 
 def make(tmp_path: t.Any, backend_config: dict[str, t.Any], **config: t.Any) -> Flask:
@@ -396,21 +395,16 @@ def test_logout_cookie_carries_the_configured_attributes(
 # A logout or revoke that an overlapping request must not undo
 
 
-class Gate(Backend):
+class Gate(DelegatingBackend):
     """The app's backend; while :attr:`armed`, the next record write stops
     (under the session lock, after the merge read the record) until
     :attr:`release` is set."""
 
     def __init__(self, inner: Backend) -> None:
-        self.inner = inner
-        self.unavailable_errors = inner.unavailable_errors
-        self.native_expiry = inner.native_expiry
+        super().__init__(inner)
         self.armed = False
         self.reached = threading.Event()
         self.release = threading.Event()
-
-    def load(self, key: str) -> Record | None:
-        return self.inner.load(key)
 
     def save(self, key: str, data: bytes, expires: float) -> None:
         if self.armed:
@@ -418,24 +412,6 @@ class Gate(Backend):
             self.reached.set()
             self.release.wait(10)
         self.inner.save(key, data, expires)
-
-    def touch(self, key: str, expires: float) -> None:
-        self.inner.touch(key, expires)
-
-    def delete(self, key: str) -> bool:
-        return self.inner.delete(key)
-
-    def lock(self, key: str) -> t.Any:
-        return self.inner.lock(key)
-
-    def cleanup(self, now: float) -> Iterator[int]:
-        return self.inner.cleanup(now)
-
-    def count(self, now: float) -> int:
-        return self.inner.count(now)
-
-    def clear(self) -> int:
-        return self.inner.clear()
 
 
 @pytest.mark.parametrize("action", ["logout", "revoke"])

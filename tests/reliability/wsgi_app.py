@@ -20,7 +20,6 @@ import json
 import os
 import threading
 import time
-import typing as t
 
 from flask import Flask
 from flask import has_request_context
@@ -31,20 +30,15 @@ from flask.typing import ResponseReturnValue
 
 from flask_serverside import ServerSide
 from flask_serverside.backends import Backend
-from flask_serverside.backends import Record
+from tests.wrappers import DelegatingBackend
 
 
-class SlowSaves(Backend):
+class SlowSaves(DelegatingBackend):
     """The app's backend, with writes slowed down on request."""
 
     def __init__(self, inner: Backend, instance: str) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.instance = instance
-        self.unavailable_errors = inner.unavailable_errors
-        self.native_expiry = inner.native_expiry
-
-    def load(self, key: str) -> Record | None:
-        return self.inner.load(key)
 
     def save(self, key: str, data: bytes, expires: float) -> None:
         if has_request_context() and "X-Slow-Save" in request.headers:
@@ -55,24 +49,6 @@ class SlowSaves(Backend):
             finally:
                 os.unlink(flag)
         self.inner.save(key, data, expires)
-
-    def touch(self, key: str, expires: float) -> None:
-        self.inner.touch(key, expires)
-
-    def delete(self, key: str) -> bool:
-        return self.inner.delete(key)
-
-    def lock(self, key: str) -> t.Any:
-        return self.inner.lock(key)
-
-    def cleanup(self, now: float) -> t.Iterator[int]:
-        return self.inner.cleanup(now)
-
-    def count(self, now: float) -> int:
-        return self.inner.count(now)
-
-    def clear(self) -> int:
-        return self.inner.clear()
 
 
 def create_app() -> Flask:

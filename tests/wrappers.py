@@ -1,0 +1,46 @@
+"""A backend that hands every call to another one, for tests to extend."""
+
+from __future__ import annotations
+
+import typing as t
+from collections.abc import Iterator
+
+from flask_serverside.backends import Backend
+from flask_serverside.backends import Record
+
+
+class DelegatingBackend(Backend):
+    """A real backend seen through a wrapper: subclasses override the calls
+    they want to watch or slow down, and pass the rest on."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.unavailable_errors = inner.unavailable_errors
+        self.native_expiry = inner.native_expiry
+
+    def load(self, key: str) -> Record | None:
+        return self.inner.load(key)
+
+    def save(self, key: str, data: bytes, expires: float) -> None:
+        self.inner.save(key, data, expires)
+
+    def touch(self, key: str, expires: float) -> None:
+        self.inner.touch(key, expires)
+
+    def delete(self, key: str) -> bool:
+        return self.inner.delete(key)
+
+    def lock(self, key: str) -> t.Any:
+        return self.inner.lock(key)
+
+    def cleanup(self, now: float) -> Iterator[int]:
+        return self.inner.cleanup(now)
+
+    def count(self, now: float) -> int:
+        return self.inner.count(now)
+
+    def clear(self) -> int:
+        return self.inner.clear()
+
+    def configure(self, prefix: str) -> None:
+        self.inner.configure(prefix)
