@@ -425,45 +425,28 @@ def test_redis_stop_and_restart(
     )
 
 
-def test_redis_hangs(
-    private_redis: Server,
+@pytest.mark.parametrize("name", ["redis", "memcached"])
+def test_cache_hangs(
+    name: str,
     fast_timeouts: None,
     tmp_path: t.Any,
     caplog: pytest.LogCaptureFixture,
     request: pytest.FixtureRequest,
 ) -> None:
-    server = private_redis
-    app = make_app(tmp_path, config_for("redis", server))
+    server: Server = request.getfixturevalue(f"private_{name}")
+    app = make_app(tmp_path, config_for(name, server))
     short_lock_ttl(app)
     outage, sids = run_outage(
-        "redis SIGSTOP/SIGCONT", app, server.pause, server.resume, during=FROZEN
-    )
-    outage.check_statuses(request, min_inside=1)
-    outage.check_nothing_lost(app, sids, request)
-    check_failed_save_keeps_record(app, server.pause, server.resume, caplog, request, "redis pause")
-
-
-# Memcached
-
-
-def test_memcached_hangs(
-    private_memcached: Server,
-    fast_timeouts: None,
-    tmp_path: t.Any,
-    caplog: pytest.LogCaptureFixture,
-    request: pytest.FixtureRequest,
-) -> None:
-    server = private_memcached
-    app = make_app(tmp_path, config_for("memcached", server))
-    short_lock_ttl(app)
-    outage, sids = run_outage(
-        "memcached SIGSTOP/SIGCONT", app, server.pause, server.resume, during=FROZEN
+        f"{name} SIGSTOP/SIGCONT", app, server.pause, server.resume, during=FROZEN
     )
     outage.check_statuses(request, min_inside=1)
     outage.check_nothing_lost(app, sids, request)
     check_failed_save_keeps_record(
-        app, server.pause, server.resume, caplog, request, "memcached pause"
+        app, server.pause, server.resume, caplog, request, f"{name} pause"
     )
+
+
+# Memcached
 
 
 def test_memcached_stop_and_restart(
