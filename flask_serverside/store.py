@@ -198,11 +198,14 @@ class SessionStore:
     def _write(
         self, session: ServerSideSession, stored: Loaded, raw: bytes, lifetime: float
     ) -> Outcome:
-        """Write the session inside the exclusive section of its stored key.
+        """Write the session, in one atomic step if nobody else wrote it since
+        this request read it, else inside the exclusive section of its key.
 
         If another request wrote the record since this one read it, this
         request's changed keys are applied to the fresh record instead.
         """
+        if self._replace(session, stored, raw, lifetime):
+            return Outcome.WRITTEN
         key = self.key(session.regenerated_from or session.sid)
         with self.backend.lock(key):
             now = time.time()
@@ -223,6 +226,21 @@ class SessionStore:
             self.backend.save(self.key(session.sid), raw, now + lifetime)
             self.backend.delete(key)
             return Outcome.CREATED
+
+    def _replace(
+        self, session: ServerSideSession, stored: Loaded, raw: bytes, lifetime: float
+    ) -> bool:
+        """The fast path of :meth:`_write` for a plain rewrite of a record.
+
+        Regenerating, emptying and an oversized session take the locked path,
+        which handles them.
+        """
+        if session.regenerated_from is not None or is_empty(session.data):
+            return False
+        if len(raw) > self.max_bytes:
+            return False
+        key = self.key(session.sid)
+        return self.backend.replace(key, stored.raw, raw, time.time() + lifetime)
 
     def _merge(
         self, session: ServerSideSession, record: Record | None, now: float

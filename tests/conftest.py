@@ -84,6 +84,10 @@ class CountingBackend(DelegatingBackend):
         self._note("save", key)
         super().save(key, data, expires)
 
+    def replace(self, key: str, expected: bytes, data: bytes, expires: float) -> bool:
+        self._note("replace", key)
+        return super().replace(key, expected, data, expires)
+
     def touch(self, key: str, expires: float) -> None:
         self._note("touch", key)
         super().touch(key, expires)

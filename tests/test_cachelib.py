@@ -7,6 +7,7 @@ listing keys, and outages of a server that is stopped or frozen.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import multiprocessing
@@ -462,6 +463,87 @@ def test_lock_is_reentrant_in_a_thread(make: Make, kind: str, prefix: str) -> No
         assert backend.delete(key(prefix))
     with backend.lock(key(prefix)):
         pass
+
+
+def test_redis_replace_run_late_writes_nothing(make: Make, prefix: str) -> None:
+    """A replace carries a deadline of half the socket timeout: a server
+    that froze and runs it after the request gave up leaves the record."""
+    backend = make("redis")
+    store = backend._store
+    assert store._replace_window == cachelib_module.SOCKET_TIMEOUT / 2  # type: ignore[attr-defined]
+    k = key(prefix)
+    backend.save(k, b"old", time.time() + 60)
+    store._replace_window = -1.0  # type: ignore[attr-defined]
+    assert backend.replace(k, b"old", b"late", time.time() + 60) is False
+    store._replace_window = 1.0  # type: ignore[attr-defined]
+    assert backend.load(k).data == b"old"  # type: ignore[union-attr]
+    assert backend.replace(k, b"old", b"new", time.time() + 60) is True
+
+
+def test_redis_cluster_writes_under_the_lock() -> None:
+    """A cluster may keep a record and its lock key in different slots,
+    where one script cannot use both: its writes always take the lock."""
+    cluster = object.__new__(redis.cluster.RedisCluster)
+    assert cachelib_module._is_cluster(cluster)
+    assert not cachelib_module._is_cluster(redis.Redis())
+
+
+class _LockAfterCheck:
+    """A pymemcache client that lets another backend take a lock right
+    after this one checked that the lock was free."""
+
+    def __init__(self, client: t.Any, take_lock: t.Callable[[], None]) -> None:
+        self.client = client
+        self.take_lock = take_lock
+
+    def __getattr__(self, name: str) -> t.Any:
+        return getattr(self.client, name)
+
+    def get(self, name: str, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        result = self.client.get(name, *args, **kwargs)
+        if name.endswith(":lock"):
+            self.take_lock()
+        return result
+
+    def gets_many(self, names: list[str]) -> t.Any:
+        result = self.client.gets_many(names)
+        if any(name.endswith(":lock") for name in names):
+            self.take_lock()
+        return result
+
+
+@pytest.mark.parametrize("client", ["pooled", "hash"])
+def test_memcached_replace_fails_once_a_lock_is_taken(
+    make: Make,
+    prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    memcached_server: Server,
+    client: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    """A replace that found the lock free still fails if another request
+    takes the lock before its ``cas``: taking the lock renews the record's
+    cas unique, so the section's write can never be lost to it. (A client
+    of several servers reads the record and the lock one by one.)"""
+    holder = make("memcached")
+    if client == "pooled":
+        fast = make("memcached")
+    else:
+        hash_client = HashClient([("127.0.0.1", memcached_server.port)], default_noreply=False)
+        request.addfinalizer(hash_client.close)
+        fast = make("memcached", MemcachedCache(hash_client))
+    k = key(prefix)
+    fast.save(k, b"old", time.time() + 60)
+    section = holder.lock(k)
+    spy = _LockAfterCheck(fast.cache._client, section.__enter__)
+    with monkeypatch.context() as patch:
+        patch.setattr(fast._store, "_client", lambda: contextlib.nullcontext(spy))
+        assert fast.replace(k, b"old", b"fast", time.time() + 60) is False
+    holder.save(k, b"section", time.time() + 60)
+    section.__exit__(None, None, None)
+    record = fast.load(k)
+    assert record is not None and record.data == b"section"
+    assert fast.replace(k, b"section", b"fast", time.time() + 60) is True
 
 
 def test_lock_with_a_noreply_pymemcache_client(memcached_server: Server, prefix: str) -> None:

@@ -471,6 +471,7 @@ def test_restart_between_requests_costs_no_failure(
     backend.save("session:a", b"kept", later())
     calls: list[t.Callable[[], object]] = [
         lambda: backend.load("session:a"),
+        lambda: backend.replace("session:a", b"kept", b"kept", later()),
         lambda: backend.save("session:b", b"b", later()),
         lambda: backend.touch("session:a", later(120)),
         lambda: backend.count(time.time()),
@@ -574,26 +575,50 @@ def test_failed_commit_leaves_no_transaction_behind(
 
 
 def record_statements(engine: sa.Engine) -> list[str]:
-    """The statements sent on ``engine`` from now on (one round trip each)."""
+    """The statements sent on ``engine`` from now on (one round trip each),
+    seen by the driver: the backend runs some on driver connections
+    directly. Closes the pool's connections, so that new ones record."""
     statements: list[str] = []
 
-    @sa.event.listens_for(engine, "before_cursor_execute")
-    def before(*args: t.Any) -> None:
-        statements.append(args[2])
+    if engine.dialect.name == "sqlite":
+
+        @sa.event.listens_for(engine, "before_cursor_execute")
+        def before(*args: t.Any) -> None:
+            statements.append(args[2])
+
+    else:
+        import psycopg2.extensions
+
+        class Recording(psycopg2.extensions.cursor):  # type: ignore[misc]
+            def execute(self, sql: str, params: t.Any = None) -> t.Any:
+                statements.append(sql)
+                return super().execute(sql, params)
+
+        @sa.event.listens_for(engine, "connect")
+        def connect(dbapi_connection: t.Any, record: t.Any) -> None:
+            dbapi_connection.cursor_factory = Recording
+
+        engine.dispose()
 
     return statements
 
 
 def test_round_trips(url: str, make_backend: t.Callable[..., SQLAlchemyBackend]) -> None:
-    """A read is one SELECT; a write (read, then lock, re-read and save, as
-    the store does) is three round trips on PostgreSQL, and no isolation
-    level switches."""
+    """A read is one SELECT, a replace one UPDATE; a write under the lock
+    (read, then lock, re-read and save, as the store does) is three round
+    trips on PostgreSQL, and no isolation level switches."""
     backend = make_backend(url=url)
     backend.save("session:a", b"x", later())
     statements = record_statements(backend.engine)
+    backend.count(time.time())  # a new connection's set-up statements
+    statements.clear()
 
     assert backend.load("session:a") is not None
     assert len(statements) == 1 and statements[0].startswith("SELECT")
+
+    statements.clear()
+    assert backend.replace("session:a", b"x", b"w", later()) is True
+    assert len(statements) == 1 and statements[0].startswith("UPDATE")
 
     statements.clear()
     backend.load("session:a")

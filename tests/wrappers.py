@@ -24,6 +24,9 @@ class DelegatingBackend(Backend):
     def save(self, key: str, data: bytes, expires: float) -> None:
         self.inner.save(key, data, expires)
 
+    def replace(self, key: str, expected: bytes, data: bytes, expires: float) -> bool:
+        return self.inner.replace(key, expected, data, expires)
+
     def touch(self, key: str, expires: float) -> None:
         self.inner.touch(key, expires)
 

@@ -62,6 +62,18 @@ class Backend(ABC):
         The write is atomic: a reader sees the old record or the new one.
         """
 
+    def replace(self, key: str, expected: bytes, data: bytes, expires: float) -> bool:
+        """Store ``data`` under ``key`` if the record still holds ``expected``.
+
+        The optional fast path of a save: one atomic step instead of a
+        :meth:`lock` section. It must not write while another request holds
+        ``lock(key)``, or over a record that has expired, and returns whether
+        it wrote. A backend that cannot check all of that in one atomic step
+        returns ``False``, as this default does, and the caller takes the
+        lock instead.
+        """
+        return False
+
     @abstractmethod
     def touch(self, key: str, expires: float) -> None:
         """Move the expiry of an existing record; never create one."""

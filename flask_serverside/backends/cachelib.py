@@ -12,6 +12,7 @@ application can plant one.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import math
@@ -217,6 +218,10 @@ class _Store(ABC):
     def save(self, key: str, data: bytes, expires: float) -> None:
         """Replace the record under ``key``."""
 
+    def replace(self, key: str, expected: bytes, data: bytes, expires: float) -> bool:
+        """:meth:`.Backend.replace`; caches without scripts cannot."""
+        return False
+
     @abstractmethod
     def touch(self, key: str, expires: float) -> None:
         """Move the expiry of an existing record; never create one."""
@@ -255,11 +260,32 @@ class _RedisStore(_Store):
         " return redis.call('del', KEYS[1]) end return 0"
     )
 
+    #: Writes ARGV[2] with a TTL of ARGV[3] ms if the record's SHA-1 is
+    #: still ARGV[1], nobody holds the lock key, and the server's clock has
+    #: not passed ARGV[4] (Unix ms).
+    _REPLACE = (
+        "local now = redis.call('time')"
+        " if now[1] * 1000 + math.floor(now[2] / 1000) > tonumber(ARGV[4]) then return 0 end"
+        " if redis.call('exists', KEYS[2]) == 1 then return 0 end"
+        " local value = redis.call('get', KEYS[1])"
+        " if not value or redis.sha1hex(value) ~= ARGV[1] then return 0 end"
+        " redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1"
+    )
+
     def __init__(self, cache: BaseCache, client: t.Any) -> None:
         super().__init__(cache)
         self.client = client
         self.errors = _redis_errors()
         self._release = client.register_script(self._RELEASE)
+        # A cluster would refuse a script on two keys in different slots.
+        self._replace = None if _is_cluster(client) else client.register_script(self._REPLACE)
+        pool = getattr(client, "connection_pool", None)
+        timeout = getattr(pool, "connection_kwargs", {}).get("socket_timeout")
+        #: How long after it is sent a replace may still run: half the
+        #: socket timeout, so that a script a frozen server runs once it
+        #: wakes up, after the request gave up on it (and answered 503),
+        #: writes nothing.
+        self._replace_window = timeout / 2 if timeout else math.inf
 
     def prefix(self) -> str:
         """cachelib's ``key_prefix``: a string, or a function returning one."""
@@ -280,6 +306,16 @@ class _RedisStore(_Store):
 
     def save(self, key: str, data: bytes, expires: float) -> None:
         self.client.set(self.prefix() + key, _REDIS_MARK + data, px=_ttl_ms(expires))
+
+    def replace(self, key: str, expected: bytes, data: bytes, expires: float) -> bool:
+        if self._replace is None:
+            return False
+        name = self.prefix() + key
+        digest = hashlib.sha1(_REDIS_MARK + expected).hexdigest()
+        keys = [name, name + _LOCK_SUFFIX]
+        deadline = (time.time() + self._replace_window) * 1000
+        args = [digest, _REDIS_MARK + data, _ttl_ms(expires), int(min(deadline, 2**53))]
+        return bool(self._replace(keys=keys, args=args))
 
     def touch(self, key: str, expires: float) -> None:
         self.client.pexpire(self.prefix() + key, _ttl_ms(expires))
@@ -322,6 +358,10 @@ def _ttl_ms(expires: float) -> int:
     return max(1, math.ceil((expires - time.time()) * 1000))
 
 
+def _is_cluster(client: t.Any) -> bool:
+    return any(cls.__name__ in ("RedisCluster", "ValkeyCluster") for cls in type(client).__mro__)
+
+
 def _redis_errors() -> tuple[type[BaseException], ...]:
     """Connection errors of redis-py and of its fork valkey-py, if installed."""
     errors: list[type[BaseException]] = [OSError]
@@ -352,6 +392,7 @@ class _MemcachedStore(_Store):
         super().__init__(cache)
         exceptions = importlib.import_module("pymemcache.exceptions")
         self.errors = (OSError, exceptions.MemcacheServerError)
+        self._hash_client = importlib.import_module("pymemcache").HashClient
         _refuse_unpickling_client(cache._client)
 
     def _client(self) -> t.ContextManager[t.Any]:
@@ -373,6 +414,40 @@ class _MemcachedStore(_Store):
             if not client.set(self._name(key), value, _memcached_expiry(expires), noreply=False):
                 raise OSError(f"Memcached did not store the record {key!r}.")
 
+    def replace(self, key: str, expected: bytes, data: bytes, expires: float) -> bool:
+        """Read the record's cas unique, then check that no lock is held,
+        then ``cas``.
+
+        A lock holder gives the record a new cas unique after taking the
+        lock (see :meth:`acquire`), so a replace that read the record before
+        that fails, and one that read it after sees the lock.
+        """
+        name = self._name(key)
+        with self._client() as client:
+            value, cas, locked = self._gets_then_lock(client, name)
+            record = _unpack(value, key)
+            if locked or record is None or record.data != expected:
+                return False
+            if record.expires <= time.time():
+                return False
+            value = _pack(data, expires)
+            return bool(client.cas(name, value, cas, _memcached_expiry(expires), noreply=False))
+
+    def _gets_then_lock(self, client: t.Any, name: str) -> tuple[t.Any, t.Any, bool]:
+        """The value under ``name`` with its cas unique, then whether its
+        lock key exists, read in that order.
+
+        One server answers a multi-get key by key, in order; a client that
+        spreads keys over several servers asks twice.
+        """
+        lock_name = name + _LOCK_SUFFIX
+        if isinstance(client, self._hash_client):
+            value, cas = client.gets(name)
+            return value, cas, client.get(lock_name) is not None
+        found = client.gets_many([name, lock_name])
+        value, cas = found.get(name, (None, None))
+        return value, cas, lock_name in found
+
     def touch(self, key: str, expires: float) -> None:
         name = self._name(key)
         with self._client() as client:
@@ -389,7 +464,23 @@ class _MemcachedStore(_Store):
     def acquire(self, lock_key: str, token: str, ttl: float) -> bool:
         with self._client() as client:
             expire = math.ceil(ttl)
-            return bool(client.add(self._name(lock_key), token.encode(), expire, noreply=False))
+            if not client.add(self._name(lock_key), token.encode(), expire, noreply=False):
+                return False
+            self._renew_cas(client, lock_key.removesuffix(_LOCK_SUFFIX))
+            return True
+
+    def _renew_cas(self, client: t.Any, key: str) -> None:
+        """Rewrite the record as it is, which gives it a new cas unique:
+        a :meth:`replace` that read it before the lock was taken fails."""
+        name = self._name(key)
+        while True:
+            value, cas = client.gets(name)
+            record = _unpack(value, key)
+            if record is None:
+                return
+            expire = _memcached_expiry(record.expires)
+            if client.cas(name, value, cas, expire, noreply=False):
+                return
 
     def release(self, lock_key: str, token: str) -> None:
         name = self._name(lock_key)
@@ -590,6 +681,10 @@ class CacheLibBackend(Backend):
 
     def save(self, key: str, data: bytes, expires: float) -> None:
         self._store.save(key, data, expires)
+
+    def replace(self, key: str, expected: bytes, data: bytes, expires: float) -> bool:
+        """Compare and write in one Lua script on Redis; ``False`` elsewhere."""
+        return self._store.replace(key, expected, data, expires)
 
     def touch(self, key: str, expires: float) -> None:
         self._store.touch(key, expires)

@@ -98,8 +98,22 @@ class _Statements:
         now = sa.bindparam("now", type_=c.expires.type)
         new_expires = sa.bindparam("new_expires", type_=c.expires.type)
 
+        new_data = sa.bindparam("new_data", type_=c.data.type)
         #: One indexed lookup, which skips an expired row.
         self.select = sa.select(c.data, c.expires).where(c.id == key, c.expires > now)
+        #: The lookup inside a section: it locks the row (where the database
+        #: has row locks), so that a :attr:`replace` waits for the section
+        #: to end and then finds the data it expects gone.
+        self.select_locked = sa.select(c.data, c.expires).where(c.id == key).with_for_update()
+        self.replace = (
+            sa.update(table)
+            .where(
+                c.id == key,
+                c.data == sa.bindparam("old_data", type_=c.data.type),
+                c.expires > now,
+            )
+            .values(data=new_data, expires=new_expires)
+        )
         # An expired record stays expired: touching must not revive it.
         self.touch = (
             sa.update(table).where(c.id == key, c.expires > now).values(expires=new_expires)
@@ -107,11 +121,7 @@ class _Statements:
         self.delete = sa.delete(table).where(c.id == key)
         #: Executed with the ``id``, ``data`` and ``expires`` of a row.
         self.insert = sa.insert(table)
-        self.update = (
-            sa.update(table)
-            .where(c.id == key)
-            .values(data=sa.bindparam("new_data", type_=c.data.type), expires=new_expires)
-        )
+        self.update = sa.update(table).where(c.id == key).values(data=new_data, expires=new_expires)
         self.upsert: sa.Executable | None = None
 
         if dialect.name in _UPSERTS:
@@ -142,6 +152,11 @@ class _Statements:
         #: The :attr:`upsert` followed by ``COMMIT``, to end a section that
         #: saved (``None``: save at once, and commit apart).
         self.upsert_commit: str | None = None
+        #: :attr:`select` and :attr:`replace` as driver SQL, to run on a
+        #: pooled driver connection without SQLAlchemy's execution layer
+        #: (``None``: run them through SQLAlchemy).
+        self.driver_select: str | None = None
+        self.driver_replace: str | None = None
 
         if own_engine and self.lock_kind == "database":
             self.begin = "BEGIN IMMEDIATE"
@@ -155,12 +170,18 @@ class _Statements:
                 "BEGIN ISOLATION LEVEL READ COMMITTED;"
                 f" SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}s';"
                 " SELECT pg_advisory_xact_lock(%(lock_id)s);"
-                f" {self.select.compile(dialect=dialect)}"
+                f" {self.select_locked.compile(dialect=dialect)}"
             )
             self.begin_reads = True
 
             if self.upsert is not None:
                 self.upsert_commit = f"{self.upsert.compile(dialect=dialect)}; COMMIT"
+
+            # psycopg2 converts the parameters (bytes, aware datetimes) and
+            # the results itself; SQLAlchemy's layer would add about a third
+            # to the statements every request runs.
+            self.driver_select = str(self.select.compile(dialect=dialect))
+            self.driver_replace = str(self.replace.compile(dialect=dialect))
 
 
 class SQLAlchemyBackend(Backend):
@@ -180,8 +201,9 @@ class SQLAlchemyBackend(Backend):
     An engine built from ``url`` runs each statement outside :meth:`lock`
     in autocommit mode (no BEGIN and COMMIT round trips), and :meth:`lock`
     begins and ends its transaction in SQL, without isolation level
-    switches (on PostgreSQL with psycopg2, locking, re-reading and saving a
-    record take two round trips). On SQLite it uses WAL mode (readers never
+    switches (on PostgreSQL with psycopg2, a read and a :meth:`replace` take
+    one round trip each, on the driver's connection directly; locking,
+    re-reading and saving a record take two). On SQLite it uses WAL mode (readers never
     wait for a writer) with ``synchronous=NORMAL``, and creates the
     database file with mode 0o600.
     An engine passed in is used as configured: every statement outside
@@ -244,10 +266,18 @@ class SQLAlchemyBackend(Backend):
             if prefetched_key == key:
                 return record
 
+        self._start()
+        if self._sql.driver_select is not None and section.conn is None:
+            found, row = self._run_driver(self._sql.driver_select, {"key": key, "now": _now()})
+            if found:
+                return _record(row)
+
         return self._run(self._select, key)
 
     def _select(self, conn: sa.Connection, key: str) -> Record | None:
-        return _record(conn.execute(self._sql.select, {"key": key, "now": _now()}).first())
+        sql = self._sql
+        stmt = sql.select_locked if conn is self._section.conn else sql.select
+        return _record(conn.execute(stmt, {"key": key, "now": _now()}).first())
 
     def save(self, key: str, data: bytes, expires: float) -> None:
         row = {"id": key, "data": data, "expires": _datetime(expires)}
@@ -273,6 +303,31 @@ class SQLAlchemyBackend(Backend):
 
         if conn.execute(sql.update, values).rowcount == 0:
             conn.execute(sql.insert, row)
+
+    def replace(self, key: str, expected: bytes, data: bytes, expires: float) -> bool:
+        """One ``UPDATE ... WHERE data = :expected`` of a live row.
+
+        A :meth:`lock` section locks the row it reads, so the update waits
+        for the section to commit and then matches nothing if the section
+        changed the row.
+        """
+        values = {
+            "key": key,
+            "old_data": expected,
+            "now": _now(),
+            "new_data": data,
+            "new_expires": _datetime(expires),
+        }
+        self._start()
+        if self._sql.driver_replace is not None and self._section.conn is None:
+            found, rowcount = self._run_driver(self._sql.driver_replace, values)
+            if found:
+                return bool(rowcount == 1)
+
+        return self._run(self._replace, values)
+
+    def _replace(self, conn: sa.Connection, values: dict[str, t.Any]) -> bool:
+        return conn.execute(self._sql.replace, values).rowcount == 1
 
     def touch(self, key: str, expires: float) -> None:
         self._run(self._touch, {"key": key, "now": _now(), "new_expires": _datetime(expires)})
@@ -302,6 +357,10 @@ class SQLAlchemyBackend(Backend):
             writers wait; readers don't, in WAL mode.
         -   Other databases: a row lock (``SELECT ... FOR UPDATE``), which
             excludes others while the record exists.
+
+        Where the database has row locks, a load inside the section locks
+        the row it reads, so a :meth:`replace` of that row waits for the
+        section to end.
 
         Waiting is bounded: after ten seconds (on SQLite, the engine's busy
         timeout) the database raises an error listed in
@@ -391,6 +450,41 @@ class SQLAlchemyBackend(Backend):
 
         with self.engine.begin() as conn:
             return work(conn, arg)
+
+    def _run_driver(self, sql: str, params: dict[str, t.Any]) -> tuple[bool, t.Any]:
+        """Run one statement on a pooled driver connection in autocommit
+        mode: ``(True, row)`` for a query, ``(True, rowcount)`` otherwise.
+
+        ``(False, None)`` if the driver raised, and the caller runs the
+        statement again through SQLAlchemy, which replaces dead connections
+        and raises its own errors. Running it again is safe: a failed
+        statement on its own had no effect, and a replace that did commit
+        before its connection died matches nothing the second time.
+
+        An error of the pool's checkout (the database is down) propagates,
+        as the SQLAlchemy error it would be on ``engine.connect()``.
+        """
+        dbapi_error = self.engine.dialect.loaded_dbapi.Error
+
+        try:
+            conn = self.engine.raw_connection()
+        except dbapi_error as exc:  # the pool raises the driver's own errors
+            raise sa.exc.DBAPIError.instance(
+                None, None, exc, dbapi_error, dialect=self.engine.dialect
+            ) from exc
+
+        try:
+            cursor = conn.cursor()
+            cursor.execute(sql, params)
+            result = cursor.fetchone() if cursor.description else cursor.rowcount
+            cursor.close()
+        except dbapi_error:
+            conn.invalidate()
+            return False, None
+        finally:
+            conn.close()
+
+        return True, result
 
     def _retrying(self, func: t.Callable[[], R]) -> R:
         """Call ``func`` again, once, if a connection it used turned out to

@@ -81,16 +81,28 @@ def fast_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
 
 class BreakInSave(DelegatingBackend):
     """The app's backend; :attr:`armed`, if set, is called once inside the
-    next record write (under the session lock), before the write itself."""
+    next record write, before the write itself: the one-step
+    :meth:`replace`, or with :attr:`one_step` off (every write then takes the
+    lock, as on a store without ``replace``) the save under the lock."""
 
     def __init__(self, inner: Backend) -> None:
         super().__init__(inner)
         self.armed: Callable[[], None] | None = None
+        self.one_step = True
 
-    def save(self, key: str, data: bytes, expires: float) -> None:
+    def _fire(self) -> None:
         armed, self.armed = self.armed, None
         if armed is not None:
             armed()
+
+    def replace(self, key: str, expected: bytes, data: bytes, expires: float) -> bool:
+        if not self.one_step:
+            return False
+        self._fire()
+        return self.inner.replace(key, expected, data, expires)
+
+    def save(self, key: str, data: bytes, expires: float) -> None:
+        self._fire()
         self.inner.save(key, data, expires)
 
 
@@ -463,6 +475,7 @@ def test_memcached_stop_and_restart(
     outage.check_statuses(request)
 
 
+@pytest.mark.parametrize("path", ["one-step", "locked"])
 @pytest.mark.parametrize(
     ("name", "how"),
     [("redis", "hang before save"), ("memcached", "hang before save"), ("redis", "stop in save")],
@@ -470,26 +483,30 @@ def test_memcached_stop_and_restart(
 def test_outage_leaves_no_lock_behind(
     name: str,
     how: str,
+    path: str,
     fast_timeouts: None,
     tmp_path: t.Any,
     caplog: pytest.LogCaptureFixture,
     request: pytest.FixtureRequest,
 ) -> None:
-    """The store freezes after a request's load (its lock request times out,
-    and the server runs it when it wakes up), or stops while the request
-    holds the lock (the release fails; Redis's append-only file keeps the
-    lock across the restart). Either way the request gets a 503; once the
-    store is back, the session must be writable again at once."""
+    """The store freezes after a request's load (its compare-and-set or lock
+    request times out, and the server runs it when it wakes up), or stops
+    inside the save (on the locked path, while the request holds the lock:
+    the release fails, and Redis's append-only file keeps the lock across
+    the restart). Either way the request gets a 503 and the record is as it
+    was; once the store is back, the session must be writable again at
+    once."""
     server = request.getfixturevalue(f"private_{name}")
     app = make_app(tmp_path, config_for(name, server))
     backend = wrapper(app).inner
     backend.lock_ttl, backend.lock_wait = 4.0, 2.0  # type: ignore[attr-defined]
+    wrapper(app).one_step = path == "one-step"
     if how == "hang before save":
         break_, repair, inside = server.pause, server.resume, False
     else:
         break_, repair, inside = server.stop, server.start_again, True
     check_failed_save_keeps_record(
-        app, break_, repair, caplog, request, f"{name} {how} (lock_ttl 4s)", inside
+        app, break_, repair, caplog, request, f"{name} {how}, {path} (lock_ttl 4s)", inside
     )
 
 

@@ -397,38 +397,52 @@ def test_logout_cookie_carries_the_configured_attributes(
 
 class Gate(DelegatingBackend):
     """The app's backend; while :attr:`armed`, the next record write stops
-    (under the session lock, after the merge read the record) until
-    :attr:`release` is set."""
+    until :attr:`release` is set: the one-step :meth:`replace` before it is
+    sent, or with :attr:`one_step` off (every write then takes the lock),
+    the save under the session lock, after the merge read the record."""
 
-    def __init__(self, inner: Backend) -> None:
+    def __init__(self, inner: Backend, one_step: bool) -> None:
         super().__init__(inner)
+        self.one_step = one_step
         self.armed = False
         self.reached = threading.Event()
         self.release = threading.Event()
 
-    def save(self, key: str, data: bytes, expires: float) -> None:
+    def _stop(self) -> None:
         if self.armed:
             self.armed = False
             self.reached.set()
             self.release.wait(10)
+
+    def replace(self, key: str, expected: bytes, data: bytes, expires: float) -> bool:
+        if not self.one_step:
+            return False
+        self._stop()
+        return self.inner.replace(key, expected, data, expires)
+
+    def save(self, key: str, data: bytes, expires: float) -> None:
+        self._stop()
         self.inner.save(key, data, expires)
 
 
+@pytest.mark.parametrize("path", ["one-step", "locked"])
 @pytest.mark.parametrize("action", ["logout", "revoke"])
 def test_logout_is_not_undone_by_an_overlapping_save(
     tmp_path: t.Any,
     backend_name: str,
     backend_config: dict[str, t.Any],
     action: str,
+    path: str,
     request: pytest.FixtureRequest,
 ) -> None:
-    """A request writing the session is inside its locked section (record
-    read, not yet written) when the user logs out (``session.destroy()``) or
-    an admin revokes the session (``ext.delete``, ``flask sessions delete``).
-    The session must stay dead."""
+    """A request writing the session is about to send its compare-and-set,
+    or is inside its locked section (record read, not yet written), when the
+    user logs out (``session.destroy()``) or an admin revokes the session
+    (``ext.delete``, ``flask sessions delete``). The session must stay
+    dead."""
     app = make(tmp_path, backend_config)
     store = app.session_interface.store  # type: ignore[attr-defined]
-    gate = Gate(store.backend)
+    gate = Gate(store.backend, one_step=path == "one-step")
     store.backend = gate
     sid = new_session(app, a="1")
     gate.armed = True
@@ -454,7 +468,7 @@ def test_logout_is_not_undone_by_an_overlapping_save(
     record(
         request,
         "security",
-        f"{backend_name}: {action} during a locked write; session afterwards {back}",
+        f"{backend_name}: {action} during a {path} write; session afterwards {back}",
         checks=1,
     )
     assert back is None, f"the {action} was undone"
