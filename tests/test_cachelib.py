@@ -237,14 +237,21 @@ def test_store_drops_expired_records(make: Make, kind: str, wait: float, prefix:
     assert backend.load(key(prefix)) is None
 
 
-def test_redis_holds_marked_payload_with_ttl(
+def test_redis_holds_header_and_payload_with_ttl(
     make: Make, plain_redis: redis.Redis, prefix: str
 ) -> None:
-    make("redis").save(key(prefix), b"payload", time.time() + 100)
+    backend = make("redis")
+    expires = time.time() + 100
+    backend.save(key(prefix), b"payload", expires)
     raw = plain_redis.get(key(prefix))
-    assert raw == cachelib_module._REDIS_MARK + b"payload"
+    assert raw == cachelib_module._HEADER.pack(cachelib_module._MARK, expires) + b"payload"
     assert not raw.startswith(b"\x80")
     assert 99_000 < plain_redis.pttl(key(prefix)) <= 100_000
+    backend.touch(key(prefix), expires + 100)
+    assert plain_redis.get(key(prefix)) == (
+        cachelib_module._HEADER.pack(cachelib_module._MARK, expires + 100) + b"payload"
+    )
+    assert 199_000 < plain_redis.pttl(key(prefix)) <= 200_000
 
 
 def test_memcached_holds_header_and_payload(
@@ -306,7 +313,7 @@ def test_corrupt_values_are_missing_records(make: Make, kind: str, prefix: str) 
     elif kind == "redis":
         client = backend.cache._write_client  # type: ignore[attr-defined]
         client.set(key(prefix, "a"), b"garbage", ex=100)
-        client.set(key(prefix, "b"), cachelib_module._REDIS_MARK)  # no TTL: not ours
+        client.set(key(prefix, "b"), cachelib_module._MARK + b"\x00", ex=100)
     else:
         client = backend.cache._client  # type: ignore[attr-defined]
         client.set(key(prefix, "a"), b"garbage", 100)

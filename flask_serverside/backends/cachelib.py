@@ -46,9 +46,8 @@ log = logging.getLogger(__name__)
 #: Socket timeout, in seconds, of the clients :func:`cache_from_url` builds.
 SOCKET_TIMEOUT = 5.0
 
-#: Starts every value in Redis; the payload follows, the key's TTL is the expiry.
-_REDIS_MARK = b"fss\x01"
-#: Starts every value elsewhere, followed by the expiry as a big-endian double.
+#: Starts every value, followed by the expiry as a big-endian double, then
+#: the payload. Native TTLs outlive the expiry a little (see _ttl_seconds).
 _MARK = b"fss\x02"
 _HEADER = struct.Struct(">4sd")
 
@@ -249,26 +248,36 @@ class _Store(ABC):
 
 
 class _RedisStore(_Store):
-    """Raw bytes through the cache's client; the expiry is the key's TTL.
+    """Raw bytes through the cache's client, with the expiry in the value
+    and as the key's TTL.
 
-    Loads read the TTL with the value in one transaction, so a touch is a
-    single ``PEXPIRE`` and the stored value never holds a stale expiry.
+    A load is one ``GET``. A touch rewrites the header and the TTL in one
+    script, which never creates a record; the scripts compare payloads
+    only, so a touch does not make an overlapping write take the lock.
     """
+
+    _TOUCH = (
+        "local value = redis.call('get', KEYS[1])"
+        f" if not value or string.sub(value, 1, {len(_MARK)}) ~= ARGV[3] then return 0 end"
+        f" redis.call('set', KEYS[1], ARGV[1] .. string.sub(value, {_HEADER.size + 1}),"
+        " 'PX', ARGV[2]) return 1"
+    )
 
     _RELEASE = (
         "if redis.call('get', KEYS[1]) == ARGV[1] then"
         " return redis.call('del', KEYS[1]) end return 0"
     )
 
-    #: Writes ARGV[2] with a TTL of ARGV[3] ms if the record's SHA-1 is
-    #: still ARGV[1], nobody holds the lock key, and the server's clock has
-    #: not passed ARGV[4] (Unix ms).
+    #: Writes ARGV[2] with a TTL of ARGV[3] ms if the SHA-1 of the record's
+    #: payload is still ARGV[1], nobody holds the lock key, and the server's
+    #: clock has not passed ARGV[4] (Unix ms).
     _REPLACE = (
         "local now = redis.call('time')"
         " if now[1] * 1000 + math.floor(now[2] / 1000) > tonumber(ARGV[4]) then return 0 end"
         " if redis.call('exists', KEYS[2]) == 1 then return 0 end"
         " local value = redis.call('get', KEYS[1])"
-        " if not value or redis.sha1hex(value) ~= ARGV[1] then return 0 end"
+        " if not value or redis.sha1hex(string.sub(value, "
+        f"{_HEADER.size + 1})) ~= ARGV[1] then return 0 end"
         " redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1"
     )
 
@@ -277,6 +286,7 @@ class _RedisStore(_Store):
         self.client = client
         self.errors = _redis_errors()
         self._release = client.register_script(self._RELEASE)
+        self._touch = client.register_script(self._TOUCH)
         # A cluster would refuse a script on two keys in different slots.
         self._replace = None if _is_cluster(client) else client.register_script(self._REPLACE)
         pool = getattr(client, "connection_pool", None)
@@ -294,31 +304,24 @@ class _RedisStore(_Store):
 
     def load(self, key: str) -> Record | None:
         name = self.prefix() + key
-        now = time.time()
-        with self.client.pipeline(transaction=True) as pipe:
-            value, pttl = pipe.get(name).pttl(name).execute()
-        if value is None:
-            return None
-        if not isinstance(value, bytes) or not value.startswith(_REDIS_MARK) or pttl < 0:
-            log.warning("Ignoring the value stored under %r: not a session record.", name)
-            return None
-        return Record(value[len(_REDIS_MARK) :], now + pttl / 1000)
+        return _unpack(self.client.get(name), name)
 
     def save(self, key: str, data: bytes, expires: float) -> None:
-        self.client.set(self.prefix() + key, _REDIS_MARK + data, px=_ttl_ms(expires))
+        self.client.set(self.prefix() + key, _pack(data, expires), px=_ttl_ms(expires))
 
     def replace(self, key: str, expected: bytes, data: bytes, expires: float) -> bool:
         if self._replace is None:
             return False
         name = self.prefix() + key
-        digest = hashlib.sha1(_REDIS_MARK + expected).hexdigest()
         keys = [name, name + _LOCK_SUFFIX]
-        deadline = (time.time() + self._replace_window) * 1000
-        args = [digest, _REDIS_MARK + data, _ttl_ms(expires), int(min(deadline, 2**53))]
+        deadline = int(min((time.time() + self._replace_window) * 1000, 2**53))
+        digest = hashlib.sha1(expected).hexdigest()
+        args = [digest, _pack(data, expires), _ttl_ms(expires), deadline]
         return bool(self._replace(keys=keys, args=args))
 
     def touch(self, key: str, expires: float) -> None:
-        self.client.pexpire(self.prefix() + key, _ttl_ms(expires))
+        header = _HEADER.pack(_MARK, expires)
+        self._touch(keys=[self.prefix() + key], args=[header, _ttl_ms(expires), _MARK])
 
     def delete(self, key: str) -> bool:
         return bool(self.client.delete(self.prefix() + key))

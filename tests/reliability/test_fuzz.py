@@ -357,33 +357,25 @@ class Planter:
     ) -> None:
         key = self.fuzzed.store.key(sid)
         soon = time.time() + 3600
+        if self.name in ("sqlite", "postgres"):
+            self.inner.save(key, payload, soon)
+            return
+        header = b"FSSESS1\n" if self.name == "filesystem" else b"fss\x02"
+        stamp = struct.pack(">d", soon if expires is None else expires)
+        raw = header + stamp + payload if framed else payload
         if self.name == "filesystem":
-            raw = payload
-            if framed:
-                raw = (
-                    b"FSSESS1\n" + struct.pack(">d", soon if expires is None else expires) + payload
-                )
             path = self.inner._path(key)  # type: ignore[attr-defined]
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as f:
                 f.write(raw)
-        elif self.name in ("sqlite", "postgres"):
-            self.inner.save(key, payload, soon)
         elif self.name == "redis":
             store = self.inner._store  # type: ignore[attr-defined]
-            raw = b"fss\x01" + payload if framed else payload
             store.client.set(store.prefix() + key, raw, px=3_600_000)
         elif self.name == "memcached":
             store = self.inner._store  # type: ignore[attr-defined]
-            raw = payload
-            if framed:
-                raw = b"fss\x02" + struct.pack(">d", soon if expires is None else expires) + payload
             with store._client() as client:
                 client.set(store._name(key), raw, 3600, noreply=False, flags=flags)
         else:
-            raw = payload
-            if framed:
-                raw = b"fss\x02" + struct.pack(">d", soon if expires is None else expires) + payload
             self.inner.cache.set(key, raw, timeout=3600)  # type: ignore[attr-defined]
 
 
