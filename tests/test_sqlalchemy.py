@@ -603,22 +603,46 @@ def record_statements(engine: sa.Engine) -> list[str]:
     return statements
 
 
+def round_trips(statements: list[str]) -> list[str]:
+    """What each statement sent does: ``SELECT``, or for a prepared one
+    ``EXECUTE flask_serverside_select``, ``PREPARE flask_serverside_select``."""
+    shapes = []
+    for statement in statements:
+        words = statement.replace("(", " ").split()
+        prepared = words[0] in ("PREPARE", "EXECUTE")
+        shapes.append(" ".join(words[:2]) if prepared else words[0])
+    return shapes
+
+
 def test_round_trips(url: str, make_backend: t.Callable[..., SQLAlchemyBackend]) -> None:
-    """A read is one SELECT, a replace one UPDATE; a write under the lock
-    (read, then lock, re-read and save, as the store does) is three round
-    trips on PostgreSQL, and no isolation level switches."""
+    """A read is one SELECT, a replace one UPDATE (on PostgreSQL prepared,
+    in the round trip of its first use on a connection); a write under the
+    lock (read, then lock, re-read and save, as the store does) is three
+    round trips on PostgreSQL, and no isolation level switches."""
     backend = make_backend(url=url)
     backend.save("session:a", b"x", later())
     statements = record_statements(backend.engine)
     backend.count(time.time())  # a new connection's set-up statements
     statements.clear()
+    postgres = backend.engine.dialect.name == "postgresql"
 
-    assert backend.load("session:a") is not None
-    assert len(statements) == 1 and statements[0].startswith("SELECT")
-
-    statements.clear()
-    assert backend.replace("session:a", b"x", b"w", later()) is True
-    assert len(statements) == 1 and statements[0].startswith("UPDATE")
+    for old, new in ((b"x", b"w"), (b"w", b"v")):
+        assert backend.load("session:a") == (old, pytest.approx(later(), abs=5))
+        assert backend.replace("session:a", old, new, later()) is True
+        if not postgres:
+            assert round_trips(statements) == ["SELECT", "UPDATE"]
+        elif old == b"x":
+            assert round_trips(statements) == [
+                "PREPARE flask_serverside_select",
+                "PREPARE flask_serverside_replace",
+            ]
+            assert all("; EXECUTE flask_serverside_" in s for s in statements)
+        else:
+            assert round_trips(statements) == [
+                "EXECUTE flask_serverside_select",
+                "EXECUTE flask_serverside_replace",
+            ]
+        statements.clear()
 
     statements.clear()
     backend.load("session:a")
@@ -642,6 +666,27 @@ def test_round_trips(url: str, make_backend: t.Callable[..., SQLAlchemyBackend])
         assert statements[1] == "BEGIN IMMEDIATE"
 
     assert backend.load("session:a") == (b"y", pytest.approx(later(), abs=5))
+
+
+def test_prepared_statements_lost_by_a_pooler(
+    postgres_url: str, make_backend: t.Callable[..., SQLAlchemyBackend]
+) -> None:
+    """Behind a pooler in transaction mode, a statement prepared on one
+    server connection is missing on the next: the read still answers, and
+    the backend stops preparing."""
+    backend = make_backend(url=postgres_url)
+    backend.save("session:a", b"x", later())
+    assert backend.load("session:a") is not None  # prepared on the connection
+    conn = backend.engine.raw_connection()
+    conn.cursor().execute("DEALLOCATE ALL")
+    conn.close()
+    assert backend.load("session:a") == (b"x", pytest.approx(later(), abs=5))
+    statements = record_statements(backend.engine)
+    backend.count(time.time())
+    statements.clear()
+    assert backend.replace("session:a", b"x", b"y", later()) is True
+    assert backend.load("session:a") == (b"y", pytest.approx(later(), abs=5))
+    assert round_trips(statements) == ["UPDATE", "SELECT"]
 
 
 def test_locked_load_sees_the_previous_holders_commit(

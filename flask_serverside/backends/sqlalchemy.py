@@ -14,12 +14,14 @@ import threading
 import time
 import typing as t
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from datetime import timezone
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects import sqlite
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from .base import Backend
 from .base import Record
@@ -43,6 +45,10 @@ _UPSERTS: dict[str, t.Callable[[sa.Table], postgresql.Insert | sqlite.Insert]] =
     "postgresql": postgresql.insert,
     "sqlite": sqlite.insert,
 }
+
+#: SQLSTATEs of a prepared statement that does not exist (invalid SQL
+#: statement name) or exists already (duplicate prepared statement).
+_LOST_PREPARED = {"26000", "42P05"}
 
 #: How :meth:`SQLAlchemyBackend.lock` excludes others, per database; others
 #: lock the key's row (``SELECT ... FOR UPDATE``).
@@ -155,8 +161,8 @@ class _Statements:
         #: :attr:`select` and :attr:`replace` as driver SQL, to run on a
         #: pooled driver connection without SQLAlchemy's execution layer
         #: (``None``: run them through SQLAlchemy).
-        self.driver_select: str | None = None
-        self.driver_replace: str | None = None
+        self.driver_select: _DriverStatement | None = None
+        self.driver_replace: _DriverStatement | None = None
 
         if own_engine and self.lock_kind == "database":
             self.begin = "BEGIN IMMEDIATE"
@@ -180,8 +186,41 @@ class _Statements:
             # psycopg2 converts the parameters (bytes, aware datetimes) and
             # the results itself; SQLAlchemy's layer would add about a third
             # to the statements every request runs.
-            self.driver_select = str(self.select.compile(dialect=dialect))
-            self.driver_replace = str(self.replace.compile(dialect=dialect))
+            positional = postgresql.psycopg2.dialect(  # type: ignore[no-untyped-call]
+                paramstyle="numeric_dollar"
+            )
+            self.driver_select = _DriverStatement.build("select", self.select, dialect, positional)
+            self.driver_replace = _DriverStatement.build(
+                "replace", self.replace, dialect, positional
+            )
+
+
+@dataclass(frozen=True)
+class _DriverStatement:
+    """A statement every request runs, as psycopg2 SQL: prepared once per
+    connection (``PREPARE``, sent with the first ``EXECUTE``), which spares
+    the server parsing and planning it each time, or plain."""
+
+    name: str
+    prepare: str
+    execute: str
+    plain: str
+
+    @classmethod
+    def build(
+        cls, what: str, stmt: sa.ClauseElement, dialect: sa.Dialect, positional: sa.Dialect
+    ) -> _DriverStatement:
+        """:param positional: ``dialect`` with ``$1`` parameters."""
+        compiled = t.cast(SQLCompiler, stmt.compile(dialect=positional))
+        name = f"flask_serverside_{what}"
+        body = str(compiled).replace("%", "%%")  # psycopg2 interpolates
+        args = ", ".join(f"%({param})s" for param in compiled.positiontup or ())
+        return cls(
+            name=name,
+            prepare=f"PREPARE {name} AS {body}",
+            execute=f"EXECUTE {name}({args})",
+            plain=str(stmt.compile(dialect=dialect)),
+        )
 
 
 class SQLAlchemyBackend(Backend):
@@ -253,6 +292,8 @@ class SQLAlchemyBackend(Backend):
         self._statements: _Statements | None = None
         self._ready_lock = threading.Lock()
         self._section = _Section()
+        #: Whether :meth:`_run_driver` prepares its statements.
+        self._prepare = True
 
     def configure(self, prefix: str) -> None:
         self._prefix = prefix
@@ -451,9 +492,16 @@ class SQLAlchemyBackend(Backend):
         with self.engine.begin() as conn:
             return work(conn, arg)
 
-    def _run_driver(self, sql: str, params: dict[str, t.Any]) -> tuple[bool, t.Any]:
+    def _run_driver(
+        self, statement: _DriverStatement, params: dict[str, t.Any]
+    ) -> tuple[bool, t.Any]:
         """Run one statement on a pooled driver connection in autocommit
         mode: ``(True, row)`` for a query, ``(True, rowcount)`` otherwise.
+
+        It runs prepared, unless the database lost a prepared statement or
+        already had one (a pooler such as PgBouncer in transaction mode
+        hands each statement to any server connection): from then on, this
+        backend sends it plain.
 
         ``(False, None)`` if the driver raised, and the caller runs the
         statement again through SQLAlchemy, which replaces dead connections
@@ -473,18 +521,32 @@ class SQLAlchemyBackend(Backend):
                 None, None, exc, dbapi_error, dialect=self.engine.dialect
             ) from exc
 
+        prepared: set[str] = conn.info.setdefault("flask_serverside_prepared", set())
+
         try:
             cursor = conn.cursor()
-            cursor.execute(sql, params)
+            cursor.execute(self._driver_sql(statement, prepared), params)
             result = cursor.fetchone() if cursor.description else cursor.rowcount
             cursor.close()
-        except dbapi_error:
+            prepared.add(statement.name)
+        except dbapi_error as exc:
+            if getattr(exc, "pgcode", None) in _LOST_PREPARED:
+                self._prepare = False
             conn.invalidate()
             return False, None
         finally:
             conn.close()
 
         return True, result
+
+    def _driver_sql(self, statement: _DriverStatement, prepared: set[str]) -> str:
+        if not self._prepare:
+            return statement.plain
+
+        if statement.name in prepared:
+            return statement.execute
+
+        return f"{statement.prepare}; {statement.execute}"
 
     def _retrying(self, func: t.Callable[[], R]) -> R:
         """Call ``func`` again, once, if a connection it used turned out to
