@@ -689,6 +689,29 @@ def test_prepared_statements_lost_by_a_pooler(
     assert round_trips(statements) == ["UPDATE", "SELECT"]
 
 
+def test_driver_error_is_raised_once(
+    postgres_url: str, make_backend: t.Callable[..., SQLAlchemyBackend]
+) -> None:
+    """An error that is not a dead connection (here the server's statement
+    timeout, while another transaction holds the row) is raised as
+    SQLAlchemy's error, without running the statement again."""
+    backend = make_backend(url=postgres_url + "?options=-c%20statement_timeout%3D200")
+    backend.save("session:a", b"x", later())
+    statements = record_statements(backend.engine)
+    backend.count(time.time())
+    statements.clear()
+    other = sa.create_engine(postgres_url)
+    try:
+        with other.begin() as conn:
+            conn.execute(backend.table.select().with_for_update())
+            with pytest.raises(sa.exc.OperationalError, match="statement timeout"):
+                backend.replace("session:a", b"x", b"y", later())
+    finally:
+        other.dispose()
+    assert round_trips(statements) == ["PREPARE flask_serverside_replace"]
+    assert backend.load("session:a") == (b"x", pytest.approx(later(), abs=5))
+
+
 def test_locked_load_sees_the_previous_holders_commit(
     url: str, make_backend: t.Callable[..., SQLAlchemyBackend]
 ) -> None:

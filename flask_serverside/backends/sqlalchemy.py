@@ -503,37 +503,44 @@ class SQLAlchemyBackend(Backend):
         hands each statement to any server connection): from then on, this
         backend sends it plain.
 
-        ``(False, None)`` if the driver raised, and the caller runs the
-        statement again through SQLAlchemy, which replaces dead connections
-        and raises its own errors. Running it again is safe: a failed
-        statement on its own had no effect, and a replace that did commit
-        before its connection died matches nothing the second time.
-
-        An error of the pool's checkout (the database is down) propagates,
-        as the SQLAlchemy error it would be on ``engine.connect()``.
+        ``(False, None)`` if the connection turned out to be dead, or the
+        prepared statement missing: the caller runs the statement again
+        through SQLAlchemy, which replaces dead connections. Running it
+        again is safe: a failed statement on its own had no effect, and a
+        replace that did commit before its connection died matches nothing
+        the second time. Other errors (a statement timeout, for one) are
+        raised at once, as the SQLAlchemy errors they would be on
+        ``engine.connect()``, and so are errors of the pool's checkout (the
+        database is down).
         """
-        dbapi_error = self.engine.dialect.loaded_dbapi.Error
+        dialect = self.engine.dialect
+        dbapi_error = dialect.loaded_dbapi.Error
 
         try:
             conn = self.engine.raw_connection()
         except dbapi_error as exc:  # the pool raises the driver's own errors
-            raise sa.exc.DBAPIError.instance(
-                None, None, exc, dbapi_error, dialect=self.engine.dialect
-            ) from exc
+            raise sa.exc.DBAPIError.instance(None, None, exc, dbapi_error, dialect=dialect) from exc
 
         prepared: set[str] = conn.info.setdefault("flask_serverside_prepared", set())
+        sql = self._driver_sql(statement, prepared)
 
         try:
             cursor = conn.cursor()
-            cursor.execute(self._driver_sql(statement, prepared), params)
+            cursor.execute(sql, params)
             result = cursor.fetchone() if cursor.description else cursor.rowcount
             cursor.close()
             prepared.add(statement.name)
         except dbapi_error as exc:
             if getattr(exc, "pgcode", None) in _LOST_PREPARED:
                 self._prepare = False
-            conn.invalidate()
-            return False, None
+                return False, None
+
+            if dialect.is_disconnect(exc, conn.dbapi_connection, None):
+                conn.invalidate(exc)
+                return False, None
+
+            error = sa.exc.DBAPIError.instance(sql, params, exc, dbapi_error, dialect=dialect)
+            raise error from exc
         finally:
             conn.close()
 
