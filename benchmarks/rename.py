@@ -1,18 +1,19 @@
-"""What bounds a filesystem write: replacing a file by renaming over it.
+"""Why the filesystem backend rewrites records in place: the cost of
+replacing a file by renaming a new one over it.
 
-The filesystem backend writes a record to a temporary file and renames it
-over the old one, so that a crash leaves the old or the new record. On ext4
-(``auto_da_alloc``, the default), renaming a file that still has unwritten
-data over an existing one starts writeback of that data first. This script
-measures, in interleaved rounds, in the directory given (the system's temp
-dir by default):
+Writing a temporary file and renaming it over the old record is the usual
+way to replace a file atomically. On ext4 (``auto_da_alloc``, the default),
+renaming a file that still has unwritten data over an existing one starts
+writeback of that data first. The backend only does that to create a record
+or to grow it; it rewrites a record in the older of its two checksummed
+slots instead. This script measures, in interleaved rounds, in the directory
+given (the system's temp dir by default):
 
-- ``replace``: create, write 200 bytes, ``os.replace`` over a record (what
-  the backend does);
+- ``replace``: create, write 200 bytes, ``os.replace`` over a record;
 - ``create``: the same without the rename (the temporary file is removed);
 - ``exchange``: ``renameat2(RENAME_EXCHANGE)`` instead of the rename, then
   unlink the old record. ext4 does not start writeback for it, but after a
-  power loss the record may then be empty: the guarantee the rename buys.
+  power loss the record may then be empty.
 
 Run it: ``python benchmarks/rename.py [--dir /dev/shm]``.
 """

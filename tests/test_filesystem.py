@@ -241,3 +241,94 @@ def test_count_and_clear_keep_to_their_prefix(tmp_path: t.Any) -> None:
     assert ours.clear() == 1
     assert theirs.count(time.time()) == 1
     assert sum(theirs.cleanup(time.time())) == 1
+
+
+# The two slots of a record file
+
+
+def slot_key(n: int) -> str:
+    return "session:" + f"{n:02x}" * 32
+
+
+def test_rewrite_is_in_place(tmp_path: t.Any) -> None:
+    """A record that fits its slots is rewritten in place: same file, no
+    temporary file, no rename; a bigger one moves to a new, larger file."""
+    backend = FileSystemBackend(tmp_path)
+    key = slot_key(5)
+    backend.save(key, b"v1", time.time() + 60)
+    (path,) = record_files(str(tmp_path))
+    inode = os.stat(path).st_ino
+    for version in range(2, 6):
+        backend.save(key, b"v%d" % version, time.time() + 60)
+        assert os.stat(path).st_ino == inode
+        assert backend.load(key).data == b"v%d" % version  # type: ignore[union-attr]
+    size = os.stat(path).st_size
+    big = b"x" * (size * 2)
+    backend.save(key, big, time.time() + 60)
+    assert os.stat(path).st_ino != inode and os.stat(path).st_size > size
+    assert backend.load(key).data == big  # type: ignore[union-attr]
+    assert [n for n in os.listdir(os.path.dirname(path)) if n.startswith(".tmp-")] == []
+
+
+def test_torn_write_leaves_the_previous_version(
+    tmp_path: t.Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A write cut short (a power loss in the middle of it) fails its
+    checksum: readers get the previous version, and the next write goes on
+    from it. With both slots broken, the session is missing and the next
+    write starts a new file."""
+    backend = FileSystemBackend(tmp_path)
+    key = slot_key(6)
+    backend.save(key, b"first", time.time() + 60)
+    backend.save(key, b"second", time.time() + 60)
+    (path,) = record_files(str(tmp_path))
+    with open(path, "rb") as f:
+        raw = f.read()
+    newest = raw.index(b"second")
+    with open(path, "r+b") as f:
+        f.seek(newest)
+        f.write(b"SEC")  # half of the new data reached the disk
+    assert backend.load(key).data == b"first"  # type: ignore[union-attr]
+    backend.save(key, b"third", time.time() + 60)
+    assert backend.load(key).data == b"third"  # type: ignore[union-attr]
+    with open(path, "r+b") as f:
+        f.seek(raw.index(b"first"))
+        f.write(b"XXXXX")
+        f.seek(raw.index(b"second") - 5)
+        f.write(b"YYYYYYYYYYYYY")
+    with caplog.at_level(logging.WARNING, "flask_serverside"):
+        assert backend.load(key) is None
+    assert "not a valid record" in caplog.text
+    backend.save(key, b"fourth", time.time() + 60)
+    assert backend.load(key).data == b"fourth"  # type: ignore[union-attr]
+
+
+def test_readers_never_see_a_write_in_progress(tmp_path: t.Any) -> None:
+    """Readers take no lock; writers in several threads rewrite the same
+    record in place all along. Every read finds a whole version."""
+    backend = FileSystemBackend(tmp_path)
+    key = slot_key(7)
+    versions = [bytes([65 + n]) * (100 + 37 * n) for n in range(20)]
+    backend.save(key, versions[0], time.time() + 60)
+    done = threading.Event()
+    seen: list[bytes | None] = []
+
+    def write(offset: int) -> None:
+        for n in range(300):
+            backend.save(key, versions[(n + offset) % 20], time.time() + 60)
+
+    def read() -> None:
+        while not done.is_set():
+            record = backend.load(key)
+            seen.append(None if record is None else record.data)
+
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    writers = [threading.Thread(target=write, args=(n,)) for n in range(3)]
+    for thread in readers + writers:
+        thread.start()
+    for thread in writers:
+        thread.join(60)
+    done.set()
+    for thread in readers:
+        thread.join(10)
+    assert seen and all(data in versions for data in seen)

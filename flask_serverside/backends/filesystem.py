@@ -8,7 +8,9 @@ import logging
 import os
 import secrets
 import struct
+import threading
 import typing as t
+import zlib
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from contextlib import contextmanager
@@ -19,11 +21,16 @@ from .base import Record
 
 logger = logging.getLogger("flask_serverside")
 
-# A record file is MAGIC, the expiry as a big-endian double, then the data.
-# The expiry sits at an 8-byte aligned offset so touch() can rewrite it in
-# place with one small write.
-_MAGIC = b"FSSESS1\n"
-_HEADER = struct.Struct(">8sd")
+# A record file is a header (MAGIC, the expiry as a big-endian double, the
+# capacity of a slot) and two slots of that capacity, each a generation, a
+# length, a CRC-32 and the data. The expiry sits at an 8-byte aligned offset
+# so touch() can rewrite it in place with one small write.
+_MAGIC = b"FSSESS2\n"
+_HEADER = struct.Struct(">8sdI4x")
+_SLOT = struct.Struct(">QII")
+_EXPIRY = struct.Struct(">d")
+#: The smallest slot; a slot holds twice the data it was sized for.
+_MIN_CAPACITY = 512
 _LOCK_NAME = ".lock"
 _TMP_PREFIX = ".tmp-"
 #: The longest file name most file systems allow (ext4, XFS, tmpfs, APFS).
@@ -35,12 +42,20 @@ STALE_TMP_SECONDS = 3600
 class FileSystemBackend(Backend):
     """One file per session, in 256 shard directories.
 
-    Writes go to a temporary file in the same directory, then
-    :func:`os.replace` it over the record, so a crash leaves the old or the
-    new record, never a torn one. The exclusive section is an
-    :func:`fcntl.flock` on one ``.lock`` file per shard: it holds across
-    threads and processes, is never swapped away by a write, and keeps the
-    number of lock files fixed. Records are never evicted to make room.
+    A record file holds two slots. A write fills the slot that does not
+    hold the newest data, in place, with a generation number and a
+    checksum; a reader takes the newest slot whose checksum holds. So a
+    crash in the middle of a write, a power loss included, leaves the
+    previous version readable, and a write costs no rename (which ext4
+    makes wait for the data's writeback when it replaces a file). A new
+    record, or one whose data outgrew its slots, is written to a temporary
+    file that :func:`os.replace` moves into place.
+
+    The exclusive section is an :func:`fcntl.flock` on one ``.lock`` file
+    per shard, re-entrant within a thread: it holds across threads and
+    processes, is never swapped away by a write, and keeps the number of
+    lock files fixed. Every write takes it. Records are never evicted to
+    make room.
 
     Needs a POSIX system (``fcntl``).
 
@@ -54,6 +69,7 @@ class FileSystemBackend(Backend):
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = os.fspath(directory)
         self._name_prefix = _escape("session:")
+        self._held = threading.local()
 
     def configure(self, prefix: str) -> None:
         name = _escape(prefix)
@@ -80,22 +96,35 @@ class FileSystemBackend(Backend):
         return f"{self.directory}/{key[-2:]}/{name}"
 
     def load(self, key: str) -> Record | None:
-        try:
-            with open(self._path(key), "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            return None
-        return _parse(raw, key)
+        # A second read if no slot held: a reader can catch the slot being
+        # written, and, in theory, the other one too by the next write.
+        for _ in range(2):
+            try:
+                with open(self._path(key), "rb") as f:
+                    raw = f.read()
+            except FileNotFoundError:
+                return None
+            record = _parse(raw)
+            if record is not None:
+                return record
+        logger.warning("Session record %r is not a valid record; ignoring it.", key)
+        return None
 
     def save(self, key: str, data: bytes, expires: float) -> None:
         shard = self._shard(key)
+        path = self._path(key)
+        with self._lock_shard(shard):
+            if not _write_slot(path, data, expires):
+                self._write_file(shard, path, data, expires)
+
+    def _write_file(self, shard: str, path: str, data: bytes, expires: float) -> None:
+        """Create the record file, or replace one whose slots are too small."""
         tmp = os.path.join(shard, _TMP_PREFIX + secrets.token_hex(8))
         fd = self._open_new(tmp)
         try:
             with open(fd, "wb", closefd=True) as f:
-                f.write(_HEADER.pack(_MAGIC, expires))
-                f.write(data)
-            os.replace(tmp, self._path(key))
+                f.write(_encode(data, expires))
+            os.replace(tmp, path)
         except BaseException:
             _unlink(tmp)
             raise
@@ -128,7 +157,7 @@ class FileSystemBackend(Backend):
         except FileNotFoundError:
             return
         try:
-            os.pwrite(fd, struct.pack(">d", expires), len(_MAGIC))
+            os.pwrite(fd, _EXPIRY.pack(expires), len(_MAGIC))
         finally:
             os.close(fd)
 
@@ -140,13 +169,19 @@ class FileSystemBackend(Backend):
 
     @contextmanager
     def _lock_shard(self, shard: str) -> Iterator[None]:
+        held: set[str] = self._held.__dict__.setdefault("shards", set())
+        if shard in held:
+            yield
+            return
         fd = self._open_lock(os.path.join(shard, _LOCK_NAME))
         try:
             # flock, unlike lockf, also excludes threads of one process, as
             # each call opens its own file description.
             fcntl.flock(fd, fcntl.LOCK_EX)
+            held.add(shard)
             yield
         finally:
+            held.discard(shard)
             os.close(fd)
 
     def _open_lock(self, path: str) -> int:
@@ -210,12 +245,82 @@ def _escape(prefix: str) -> str:
     return name
 
 
-def _parse(raw: bytes, key: str) -> Record | None:
+def _encode(data: bytes, expires: float) -> bytes:
+    """A new record file: the data in the first slot, the second empty."""
+    capacity = _capacity_for(len(data))
+    first = _slot(1, data).ljust(_SLOT.size + capacity, b"\0")
+    return _HEADER.pack(_MAGIC, expires, capacity) + first + bytes(_SLOT.size + capacity)
+
+
+def _capacity_for(size: int) -> int:
+    capacity = _MIN_CAPACITY
+    while capacity < 2 * size:
+        capacity *= 2
+    return capacity
+
+
+def _slot(generation: int, data: bytes) -> bytes:
+    head = _SLOT.pack(generation, len(data), 0)[:-4]
+    return head + (zlib.crc32(data, zlib.crc32(head))).to_bytes(4, "big") + data
+
+
+def _slot_offset(index: int, capacity: int) -> int:
+    return _HEADER.size + index * (_SLOT.size + capacity)
+
+
+def _newest(raw: bytes, capacity: int) -> tuple[int, int, bytes] | None:
+    """``(generation, slot index, data)`` of the newest slot whose checksum
+    holds, or ``None``."""
+    newest = None
+    for index in (0, 1):
+        start = _slot_offset(index, capacity) + _SLOT.size
+        if len(raw) < start:
+            break
+        generation, length, crc = _SLOT.unpack_from(raw, start - _SLOT.size)
+        data = raw[start : start + length]
+        head = raw[start - _SLOT.size : start - 4]
+        if length > capacity or len(data) != length or zlib.crc32(data, zlib.crc32(head)) != crc:
+            continue
+        if newest is None or generation > newest[0]:
+            newest = (generation, index, data)
+    return newest
+
+
+def _parse(raw: bytes) -> Record | None:
     if len(raw) < _HEADER.size or not raw.startswith(_MAGIC):
-        logger.warning("Session record %r is not a valid record; ignoring it.", key)
         return None
-    _, expires = _HEADER.unpack_from(raw)
-    return Record(raw[_HEADER.size :], expires)
+    _, expires, capacity = _HEADER.unpack_from(raw)
+    newest = _newest(raw, capacity)
+    return None if newest is None else Record(newest[2], expires)
+
+
+def _write_slot(path: str, data: bytes, expires: float) -> bool:
+    """Write ``data`` into the older slot of an existing record file, then
+    its expiry. ``False`` if there is no valid file or ``data`` does not
+    fit its slots: the caller writes a new file."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        raw = os.pread(fd, os.fstat(fd).st_size, 0)
+        if len(raw) < _HEADER.size or not raw.startswith(_MAGIC):
+            return False
+        capacity = _HEADER.unpack_from(raw)[2]
+        newest = _newest(raw, capacity)
+        if newest is None or len(data) > capacity:
+            return False
+        slot = _slot(newest[0] + 1, data)
+        _pwrite_all(fd, slot, _slot_offset(1 - newest[1], capacity))
+        _pwrite_all(fd, _EXPIRY.pack(expires), len(_MAGIC))
+    finally:
+        os.close(fd)
+    return True
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    if os.pwrite(fd, data, offset) != len(data):
+        raise OSError(f"Short write to a session record at offset {offset}.")
 
 
 def _read_expiry(path: str) -> float:

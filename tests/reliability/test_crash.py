@@ -309,7 +309,7 @@ def test_cleanup_survives_a_save_renaming_its_temp_file(
     in_flight = os.path.join(shard, ".tmp-inflight0000000")
     saved = "session:" + "f" * 62 + "00"  # the in-flight save's record
     with open(in_flight, "wb") as f:
-        f.write(filesystem._HEADER.pack(filesystem._MAGIC, time.time() + 60) + b"new")
+        f.write(filesystem._encode(b"new", time.time() + 60))
     real_scandir = os.scandir
 
     class ListedThenSaved:
