@@ -332,3 +332,22 @@ def test_readers_never_see_a_write_in_progress(tmp_path: t.Any) -> None:
     for thread in readers:
         thread.join(10)
     assert seen and all(data in versions for data in seen)
+
+
+def test_touch_writes_the_other_slot(tmp_path: t.Any) -> None:
+    """A touch keeps the data and moves the expiry, in the slot that does
+    not hold the newest version: the version it touched stays whole until
+    the touch is."""
+    backend = FileSystemBackend(tmp_path)
+    key = slot_key(8)
+    backend.save(key, b"data", time.time() + 60)
+    (path,) = record_files(str(tmp_path))
+    with open(path, "rb") as f:
+        before = f.read()
+    backend.touch(key, time.time() + 600)
+    with open(path, "rb") as f:
+        after = f.read()
+    assert len(after) == len(before) and after.count(b"data") == 2
+    record = backend.load(key)
+    assert record is not None and record.data == b"data"
+    assert record.expires == pytest.approx(time.time() + 600, abs=5)

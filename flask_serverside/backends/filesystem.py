@@ -21,14 +21,15 @@ from .base import Record
 
 logger = logging.getLogger("flask_serverside")
 
-# A record file is a header (MAGIC, the expiry as a big-endian double, the
-# capacity of a slot) and two slots of that capacity, each a generation, a
-# length, a CRC-32 and the data. The expiry sits at an 8-byte aligned offset
-# so touch() can rewrite it in place with one small write.
+# A record file is a header (MAGIC and the capacity of a slot) and two
+# slots of that capacity. A slot is a generation, the expiry as a
+# big-endian double, a length and a CRC-32 of those and the data, then the
+# data.
 _MAGIC = b"FSSESS2\n"
-_HEADER = struct.Struct(">8sdI4x")
-_SLOT = struct.Struct(">QII")
-_EXPIRY = struct.Struct(">d")
+_HEADER = struct.Struct(">8sI4x")
+_SLOT = struct.Struct(">QdII")
+#: The part of a slot's header that its CRC-32 covers.
+_SLOT_HEAD = struct.Struct(">QdI")
 #: The smallest slot; a slot holds twice the data it was sized for.
 _MIN_CAPACITY = 512
 _LOCK_NAME = ".lock"
@@ -42,9 +43,10 @@ STALE_TMP_SECONDS = 3600
 class FileSystemBackend(Backend):
     """One file per session, in 256 shard directories.
 
-    A record file holds two slots. A write fills the slot that does not
-    hold the newest data, in place, with a generation number and a
-    checksum; a reader takes the newest slot whose checksum holds. So a
+    A record file holds two slots. A write (a touch too) fills the slot
+    that does not hold the newest version, in place, with a generation
+    number, the expiry, the data and a checksum; a reader takes the newest
+    slot whose checksum holds. So a
     crash in the middle of a write, a power loss included, leaves the
     previous version readable, and a write costs no rename (which ext4
     makes wait for the data's writeback when it replaces a file). A new
@@ -152,14 +154,8 @@ class FileSystemBackend(Backend):
         os.chmod(shard, 0o700)
 
     def touch(self, key: str, expires: float) -> None:
-        try:
-            fd = os.open(self._path(key), os.O_WRONLY)
-        except FileNotFoundError:
-            return
-        try:
-            os.pwrite(fd, _EXPIRY.pack(expires), len(_MAGIC))
-        finally:
-            os.close(fd)
+        with self._lock_shard(self._shard(key)):
+            _write_slot(self._path(key), None, expires)
 
     def delete(self, key: str) -> bool:
         return _unlink(self._path(key))
@@ -248,8 +244,8 @@ def _escape(prefix: str) -> str:
 def _encode(data: bytes, expires: float) -> bytes:
     """A new record file: the data in the first slot, the second empty."""
     capacity = _capacity_for(len(data))
-    first = _slot(1, data).ljust(_SLOT.size + capacity, b"\0")
-    return _HEADER.pack(_MAGIC, expires, capacity) + first + bytes(_SLOT.size + capacity)
+    first = _slot(1, data, expires).ljust(_SLOT.size + capacity, b"\0")
+    return _HEADER.pack(_MAGIC, capacity) + first + bytes(_SLOT.size + capacity)
 
 
 def _capacity_for(size: int) -> int:
@@ -259,60 +255,66 @@ def _capacity_for(size: int) -> int:
     return capacity
 
 
-def _slot(generation: int, data: bytes) -> bytes:
-    head = _SLOT.pack(generation, len(data), 0)[:-4]
-    return head + (zlib.crc32(data, zlib.crc32(head))).to_bytes(4, "big") + data
+def _slot(generation: int, data: bytes, expires: float) -> bytes:
+    head = _SLOT_HEAD.pack(generation, expires, len(data))
+    return head + zlib.crc32(data, zlib.crc32(head)).to_bytes(4, "big") + data
 
 
 def _slot_offset(index: int, capacity: int) -> int:
     return _HEADER.size + index * (_SLOT.size + capacity)
 
 
-def _newest(raw: bytes, capacity: int) -> tuple[int, int, bytes] | None:
-    """``(generation, slot index, data)`` of the newest slot whose checksum
-    holds, or ``None``."""
+class _Slot(t.NamedTuple):
+    generation: int
+    position: int
+    data: bytes
+    expires: float
+
+
+def _newest(raw: bytes) -> tuple[int, _Slot] | None:
+    """The capacity of a record file's slots and its newest slot whose
+    checksum holds; ``None`` if it has none, or is no record file."""
+    if len(raw) < _HEADER.size or not raw.startswith(_MAGIC):
+        return None
+    capacity = _HEADER.unpack_from(raw)[1]
     newest = None
     for index in (0, 1):
         start = _slot_offset(index, capacity) + _SLOT.size
         if len(raw) < start:
             break
-        generation, length, crc = _SLOT.unpack_from(raw, start - _SLOT.size)
+        generation, expires, length, crc = _SLOT.unpack_from(raw, start - _SLOT.size)
         data = raw[start : start + length]
         head = raw[start - _SLOT.size : start - 4]
         if length > capacity or len(data) != length or zlib.crc32(data, zlib.crc32(head)) != crc:
             continue
-        if newest is None or generation > newest[0]:
-            newest = (generation, index, data)
-    return newest
+        if newest is None or generation > newest.generation:
+            newest = _Slot(generation, index, data, expires)
+    return None if newest is None else (capacity, newest)
 
 
 def _parse(raw: bytes) -> Record | None:
-    if len(raw) < _HEADER.size or not raw.startswith(_MAGIC):
-        return None
-    _, expires, capacity = _HEADER.unpack_from(raw)
-    newest = _newest(raw, capacity)
-    return None if newest is None else Record(newest[2], expires)
+    found = _newest(raw)
+    return None if found is None else Record(found[1].data, found[1].expires)
 
 
-def _write_slot(path: str, data: bytes, expires: float) -> bool:
-    """Write ``data`` into the older slot of an existing record file, then
-    its expiry. ``False`` if there is no valid file or ``data`` does not
-    fit its slots: the caller writes a new file."""
+def _write_slot(path: str, data: bytes | None, expires: float) -> bool:
+    """Write ``data`` (``None``: the newest slot's again) with ``expires``
+    into the older slot of an existing record file. ``False`` if there is
+    no valid file, or ``data`` does not fit its slots."""
     try:
         fd = os.open(path, os.O_RDWR)
     except FileNotFoundError:
         return False
     try:
-        raw = os.pread(fd, os.fstat(fd).st_size, 0)
-        if len(raw) < _HEADER.size or not raw.startswith(_MAGIC):
+        found = _newest(os.pread(fd, os.fstat(fd).st_size, 0))
+        if found is None:
             return False
-        capacity = _HEADER.unpack_from(raw)[2]
-        newest = _newest(raw, capacity)
-        if newest is None or len(data) > capacity:
+        capacity, newest = found
+        data = newest.data if data is None else data
+        if len(data) > capacity:
             return False
-        slot = _slot(newest[0] + 1, data)
-        _pwrite_all(fd, slot, _slot_offset(1 - newest[1], capacity))
-        _pwrite_all(fd, _EXPIRY.pack(expires), len(_MAGIC))
+        slot = _slot(newest.generation + 1, data, expires)
+        _pwrite_all(fd, slot, _slot_offset(1 - newest.position, capacity))
     finally:
         os.close(fd)
     return True
@@ -324,15 +326,13 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 
 
 def _read_expiry(path: str) -> float:
-    """The expiry in a record file's header; ``0`` if unreadable or gone."""
+    """The expiry of a record file; ``0`` if unreadable or gone."""
     try:
         with open(path, "rb") as f:
-            head = f.read(_HEADER.size)
+            record = _parse(f.read())
     except FileNotFoundError:
         return 0.0
-    if len(head) < _HEADER.size or not head.startswith(_MAGIC):
-        return 0.0
-    return t.cast(float, _HEADER.unpack(head)[1])
+    return 0.0 if record is None else record.expires
 
 
 def _scan(path: str) -> Iterator[os.DirEntry[str]]:
