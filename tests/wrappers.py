@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typing as t
+from collections.abc import Callable
 from collections.abc import Iterator
 
 from flask_serverside.backends import Backend
@@ -47,3 +48,30 @@ class DelegatingBackend(Backend):
 
     def configure(self, prefix: str) -> None:
         self.inner.configure(prefix)
+
+
+class InterruptedWrites(DelegatingBackend):
+    """A backend whose next record write first calls :attr:`armed`, once:
+    the one-step :meth:`replace` before it is sent, or, with
+    :attr:`one_step` off (every write then takes the lock, as on a store
+    without ``replace``), the save under the session lock."""
+
+    def __init__(self, inner: Backend, one_step: bool = True) -> None:
+        super().__init__(inner)
+        self.armed: Callable[[], None] | None = None
+        self.one_step = one_step
+
+    def _fire(self) -> None:
+        armed, self.armed = self.armed, None
+        if armed is not None:
+            armed()
+
+    def replace(self, key: str, expected: bytes, data: bytes, expires: float) -> bool:
+        if not self.one_step:
+            return False
+        self._fire()
+        return self.inner.replace(key, expected, data, expires)
+
+    def save(self, key: str, data: bytes, expires: float) -> None:
+        self._fire()
+        self.inner.save(key, data, expires)

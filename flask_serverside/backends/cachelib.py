@@ -218,7 +218,8 @@ class _Store(ABC):
         """Replace the record under ``key``."""
 
     def replace(self, key: str, expected: bytes, data: bytes, expires: float) -> bool:
-        """:meth:`.Backend.replace`; caches without scripts cannot."""
+        """:meth:`.Backend.replace`; caches without an atomic compare-and-set
+        decline."""
         return False
 
     @abstractmethod
@@ -452,13 +453,8 @@ class _MemcachedStore(_Store):
         return value, cas, lock_name in found
 
     def touch(self, key: str, expires: float) -> None:
-        name = self._name(key)
         with self._client() as client:
-            value, cas = client.gets(name)
-            record = _unpack(value, key)
-            if record is not None:
-                value = _pack(record.data, expires)
-                client.cas(name, value, cas, _memcached_expiry(expires), noreply=False)
+            self._rewrite(client, key, expires)
 
     def delete(self, key: str) -> bool:
         with self._client() as client:
@@ -469,20 +465,24 @@ class _MemcachedStore(_Store):
             expire = math.ceil(ttl)
             if not client.add(self._name(lock_key), token.encode(), expire, noreply=False):
                 return False
-            self._renew_cas(client, lock_key.removesuffix(_LOCK_SUFFIX))
+            # A replace that read the record before the lock was taken
+            # must fail: the rewrite gives the record a new cas unique.
+            self._rewrite(client, lock_key.removesuffix(_LOCK_SUFFIX))
             return True
 
-    def _renew_cas(self, client: t.Any, key: str) -> None:
-        """Rewrite the record as it is, which gives it a new cas unique:
-        a :meth:`replace` that read it before the lock was taken fails."""
+    def _rewrite(self, client: t.Any, key: str, expires: float | None = None) -> None:
+        """Rewrite an existing record with ``expires`` (``None``: its own),
+        with ``cas`` until no other write comes in between; never create
+        one."""
         name = self._name(key)
         while True:
             value, cas = client.gets(name)
             record = _unpack(value, key)
             if record is None:
                 return
-            expire = _memcached_expiry(record.expires)
-            if client.cas(name, value, cas, expire, noreply=False):
+            new_expires = record.expires if expires is None else expires
+            value = _pack(record.data, new_expires)
+            if client.cas(name, value, cas, _memcached_expiry(new_expires), noreply=False):
                 return
 
     def release(self, lock_key: str, token: str) -> None:
@@ -686,7 +686,8 @@ class CacheLibBackend(Backend):
         self._store.save(key, data, expires)
 
     def replace(self, key: str, expected: bytes, data: bytes, expires: float) -> bool:
-        """Compare and write in one Lua script on Redis; ``False`` elsewhere."""
+        """Compare and write in one Lua script on Redis, with ``cas`` on
+        Memcached (see :doc:`/concurrency`); ``False`` on other caches."""
         return self._store.replace(key, expected, data, expires)
 
     def touch(self, key: str, expires: float) -> None:

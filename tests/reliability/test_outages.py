@@ -30,7 +30,6 @@ from flask import jsonify
 from flask import session
 from flask.testing import FlaskClient
 
-from flask_serverside.backends import Backend
 from flask_serverside.backends import cachelib as cachelib_backend
 from tests.conftest import build_app
 from tests.conftest import start_server
@@ -38,7 +37,7 @@ from tests.reliability.figures import fact_max
 from tests.reliability.figures import record
 from tests.reliability.helpers import session_set_cookie
 from tests.servers import Server
-from tests.wrappers import DelegatingBackend
+from tests.wrappers import InterruptedWrites
 
 #: The cache clients' socket timeout during these tests (seconds).
 TIMEOUT = 0.5
@@ -79,42 +78,15 @@ def fast_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cachelib_backend, "SOCKET_TIMEOUT", TIMEOUT)
 
 
-class BreakInSave(DelegatingBackend):
-    """The app's backend; :attr:`armed`, if set, is called once inside the
-    next record write, before the write itself: the one-step
-    :meth:`replace`, or with :attr:`one_step` off (every write then takes the
-    lock, as on a store without ``replace``) the save under the lock."""
-
-    def __init__(self, inner: Backend) -> None:
-        super().__init__(inner)
-        self.armed: Callable[[], None] | None = None
-        self.one_step = True
-
-    def _fire(self) -> None:
-        armed, self.armed = self.armed, None
-        if armed is not None:
-            armed()
-
-    def replace(self, key: str, expected: bytes, data: bytes, expires: float) -> bool:
-        if not self.one_step:
-            return False
-        self._fire()
-        return self.inner.replace(key, expected, data, expires)
-
-    def save(self, key: str, data: bytes, expires: float) -> None:
-        self._fire()
-        self.inner.save(key, data, expires)
-
-
-def wrapper(app: Flask) -> BreakInSave:
-    return t.cast(BreakInSave, app.session_interface.store.backend)  # type: ignore[attr-defined]
+def wrapper(app: Flask) -> InterruptedWrites:
+    return t.cast(InterruptedWrites, app.session_interface.store.backend)  # type: ignore[attr-defined]
 
 
 def make_app(tmp_path: t.Any, config: dict[str, t.Any]) -> Flask:
     """The test app with real error statuses (not testing mode)."""
     app = build_app(tmp_path, {**config, "TESTING": False}, count=False)
     store = app.session_interface.store  # type: ignore[attr-defined]
-    store.backend = BreakInSave(store.backend)
+    store.backend = InterruptedWrites(store.backend)
     app.config["BREAK"] = lambda: None
 
     @app.get("/incr/<key>")

@@ -26,12 +26,11 @@ from itsdangerous import BadSignature
 from itsdangerous import Signer
 
 from flask_serverside import ids
-from flask_serverside.backends import Backend
 from tests.conftest import build_app
 from tests.reliability.figures import record
 from tests.reliability.helpers import session_set_cookie
 from tests.reliability.helpers import SetCookie
-from tests.wrappers import DelegatingBackend
+from tests.wrappers import InterruptedWrites
 
 
 def make(tmp_path: t.Any, backend_config: dict[str, t.Any], **config: t.Any) -> Flask:
@@ -395,36 +394,6 @@ def test_logout_cookie_carries_the_configured_attributes(
 # A logout or revoke that an overlapping request must not undo
 
 
-class Gate(DelegatingBackend):
-    """The app's backend; while :attr:`armed`, the next record write stops
-    until :attr:`release` is set: the one-step :meth:`replace` before it is
-    sent, or with :attr:`one_step` off (every write then takes the lock),
-    the save under the session lock, after the merge read the record."""
-
-    def __init__(self, inner: Backend, one_step: bool) -> None:
-        super().__init__(inner)
-        self.one_step = one_step
-        self.armed = False
-        self.reached = threading.Event()
-        self.release = threading.Event()
-
-    def _stop(self) -> None:
-        if self.armed:
-            self.armed = False
-            self.reached.set()
-            self.release.wait(10)
-
-    def replace(self, key: str, expected: bytes, data: bytes, expires: float) -> bool:
-        if not self.one_step:
-            return False
-        self._stop()
-        return self.inner.replace(key, expected, data, expires)
-
-    def save(self, key: str, data: bytes, expires: float) -> None:
-        self._stop()
-        self.inner.save(key, data, expires)
-
-
 @pytest.mark.parametrize("path", ["one-step", "locked"])
 @pytest.mark.parametrize("action", ["logout", "revoke"])
 def test_logout_is_not_undone_by_an_overlapping_save(
@@ -442,13 +411,19 @@ def test_logout_is_not_undone_by_an_overlapping_save(
     dead."""
     app = make(tmp_path, backend_config)
     store = app.session_interface.store  # type: ignore[attr-defined]
-    gate = Gate(store.backend, one_step=path == "one-step")
+    gate = InterruptedWrites(store.backend, one_step=path == "one-step")
     store.backend = gate
     sid = new_session(app, a="1")
-    gate.armed = True
+    reached, release = threading.Event(), threading.Event()
+
+    def pause() -> None:
+        reached.set()
+        release.wait(10)
+
+    gate.armed = pause
     writer = threading.Thread(target=get, args=(app, "/set/b/2", sid))
     writer.start()
-    assert gate.reached.wait(10)
+    assert reached.wait(10)
 
     def kill() -> None:
         if action == "logout":
@@ -460,7 +435,7 @@ def test_logout_is_not_undone_by_an_overlapping_save(
     killer = threading.Thread(target=kill)
     killer.start()
     killer.join(0.5)  # done at once if it does not wait for the writer's lock
-    gate.release.set()
+    release.set()
     writer.join(10)
     killer.join(15)
     assert not writer.is_alive() and not killer.is_alive()
