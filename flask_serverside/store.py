@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from . import ids
+from . import record as records
 from .exceptions import BackendUnavailable
 from .exceptions import SessionTooLarge
 from .session import is_empty
@@ -35,13 +36,18 @@ class Loaded:
     """A session as read from the store.
 
     :param data: The decoded data, owned by the session from now on.
-    :param raw: The stored bytes, to find changes at save time.
+    :param raw: The serialized data as stored, to find changes at save time.
     :param expires: The stored expiry, as a Unix timestamp.
+    :param meta: The record's metadata (creation time, user binding).
+    :param stored: The whole stored record, header included, to check at
+        save time that nobody else wrote it meanwhile.
     """
 
     data: dict[str, t.Any]
     raw: bytes
     expires: float
+    meta: records.Meta
+    stored: bytes
 
 
 class Outcome(enum.Enum):
@@ -130,19 +136,23 @@ class SessionStore:
             return None
         data, expires = found
         raw = self.serializer.dumps(data)
-        self._call("adopting", self.backend.save, self.key(sid), raw, expires)
+        now = time.time()
+        meta = records.Meta(created=now, issued=now)
+        stored = records.pack(meta, raw)
+        self._call("adopting", self.backend.save, self.key(sid), stored, expires)
         adopter.forget(sid)
-        return Loaded(data, raw, expires)
+        return Loaded(data, raw, expires, meta, stored)
 
     def _decode(self, record: Record | None, now: float) -> Loaded | None:
         if record is None or record.expires <= now:
             return None
         try:
-            data = self.serializer.loads(record.data)
+            meta, raw = records.unpack(record.data)
+            data = self.serializer.loads(raw)
         except Exception as exc:
             logger.warning("Ignoring a session record that fails to decode: %r", exc)
             return None
-        return Loaded(data, record.data, record.expires)
+        return Loaded(data, raw, record.expires, meta, record.data)
 
     def _encode(self, data: dict[str, t.Any]) -> bytes:
         raw = self.serializer.dumps(data)
@@ -186,7 +196,9 @@ class SessionStore:
         if is_empty(session.data):
             return Outcome.NOTHING
         raw = self._encode(session.data)
-        self.backend.save(self.key(session.sid), raw, time.time() + lifetime)
+        now = time.time()
+        stored = records.pack(records.Meta(created=now, issued=now), raw)
+        self.backend.save(self.key(session.sid), stored, now + lifetime)
         return Outcome.CREATED
 
     def _touch(self, session: ServerSideSession, stored: Loaded, lifetime: float) -> Outcome:
@@ -210,20 +222,22 @@ class SessionStore:
         with self.backend.lock(key):
             now = time.time()
             record = self.backend.load(key)
-            data = session.data
-            if record is None or record.data != stored.raw:
-                merged = self._merge(session, record, now)
-                if merged is None:
+            data, meta = session.data, stored.meta
+            if record is None or record.data != stored.stored:
+                current = self._decode(record, now)
+                merged = self._merge(session, current)
+                if current is None or merged is None:
                     return Outcome.DROPPED
-                data, raw = merged, self.serializer.dumps(merged)
+                data, raw, meta = merged, self.serializer.dumps(merged), current.meta
             if is_empty(data):
                 self.backend.delete(key)
                 return Outcome.EMPTIED
             self._check_size(raw)
             if session.regenerated_from is None:
-                self.backend.save(key, raw, now + lifetime)
+                self.backend.save(key, records.pack(meta, raw), now + lifetime)
                 return Outcome.WRITTEN
-            self.backend.save(self.key(session.sid), raw, now + lifetime)
+            meta = records.Meta(meta.created, now, meta.extra)
+            self.backend.save(self.key(session.sid), records.pack(meta, raw), now + lifetime)
             self.backend.delete(key)
             return Outcome.CREATED
 
@@ -240,14 +254,14 @@ class SessionStore:
         if len(raw) > self.max_bytes:
             return False
         key = self.key(session.sid)
-        return self.backend.replace(key, stored.raw, raw, time.time() + lifetime)
+        data = records.pack(stored.meta, raw)
+        return self.backend.replace(key, stored.stored, data, time.time() + lifetime)
 
     def _merge(
-        self, session: ServerSideSession, record: Record | None, now: float
+        self, session: ServerSideSession, current: Loaded | None
     ) -> dict[str, t.Any] | None:
         """This request's changes applied to a record another request wrote,
         or ``None`` if that request destroyed or regenerated the session."""
-        current = self._decode(record, now)
         if current is None:
             logger.info(
                 "Dropping this request's session changes: another request"
