@@ -30,7 +30,7 @@ test: lint docs
 
 ## Benchmarks (benchmarks/README.md): per-request cost, throughput, scale.
 bench: $(STAMP_DEMO)
-	$(BIN)/python -m pip install --quiet 'Flask-Session>=0.8,<0.9' flask-sqlalchemy msgspec redis pymemcache psycopg2-binary gunicorn
+	$(BIN)/python -m pip install --quiet 'Flask-Session>=0.8,<0.9' flask-sqlalchemy msgspec redis pymemcache psycopg2-binary 'psycopg[binary]' gunicorn
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/scale.py

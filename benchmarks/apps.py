@@ -1,15 +1,18 @@
 """The apps under test and the stores they run on.
 
-Three session implementations serve the same views with the same session
-content:
+Five apps serve the same views with the same session content:
 
+- ``bare``: no session machinery at all, a :class:`BareInterface` that hands
+  out a dict with the content and saves nothing;
+- ``floor``: bare plus the store's minimum work for the request, through the
+  same client library as ours (:class:`FloorInterface`);
 - ``cookie``: Flask's own signed-cookie session (no store);
 - ``ours``: flask_serverside, with its defaults (tagged JSON, lazy loading);
 - ``flask-session``: Flask-Session 0.8 with its defaults (msgpack, a store
   read in ``open_session`` and a store write on every request because
   ``SESSION_REFRESH_EACH_REQUEST`` is on).
 
-Every session is permanent (``_permanent`` is part of the content for all
+Every real session is permanent (``_permanent`` is part of the content for all
 three), so all three refresh their cookie on requests that use the session.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import itertools
+import json
 import os
 import pathlib
 import sys
@@ -28,7 +32,11 @@ from dataclasses import field
 from urllib.parse import urlsplit
 
 from flask import Flask
+from flask import Request
+from flask import request
+from flask import Response
 from flask import session
+from flask.sessions import SessionInterface
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -44,12 +52,16 @@ COOKIE_NAME = "session"
 #: What a logged-in visitor's session holds, the same for every app.
 CONTENT: dict[str, t.Any] = {"user": "ada", "user_id": 42, "cart": ["tea", "mug", "honey"]}
 
-KINDS = ("cookie", "ours", "flask-session")
-BACKENDS = ("filesystem", "sqlite", "postgres", "redis", "memcached")
+#: A 64 KB session: the content plus notes (for the read-one-scalar row).
+NOTES = [f"note {i:05d}: " + "lorem ipsum dolor sit amet " * 2 for i in range(1000)]
+
+KINDS = ("bare", "floor", "ours", "cookie", "flask-session")
+BACKENDS = ("filesystem", "sqlite", "postgres", "postgres3", "redis", "memcached")
 LABELS = {
     "filesystem": "filesystem",
     "sqlite": "SQLite",
-    "postgres": "PostgreSQL",
+    "postgres": "PG/psycopg2",
+    "postgres3": "PG/psycopg3",
     "redis": "Redis",
     "memcached": "Memcached",
 }
@@ -64,6 +76,17 @@ def add_views(app: Flask, permanent: bool = True) -> None:
         session.update(CONTENT)
         session.permanent = permanent
         return "logged in"
+
+    @app.get("/login-big")
+    def login_big() -> str:
+        session.update(CONTENT)
+        session["notes"] = NOTES
+        session.permanent = permanent
+        return "logged in"
+
+    @app.get("/scalar")
+    def scalar() -> str:
+        return str(session["user_id"])
 
     @app.get("/untouched")
     def untouched() -> str:
@@ -121,6 +144,186 @@ def flask_session_app(instance: pathlib.Path, config: dict[str, t.Any]) -> Flask
     return app
 
 
+def bare_app(instance: pathlib.Path, interface: SessionInterface) -> Flask:
+    app = _flask(instance)
+    app.session_interface = interface
+    add_views(app)
+    return app
+
+
+class BareSession(dict[str, t.Any]):
+    """A dict with the attributes Flask sets or reads on a session."""
+
+    accessed = False
+    modified = False
+    new = False
+    permanent = True
+
+
+class BareInterface(SessionInterface):
+    """No session machinery: every request gets a fresh dict with the
+    content, and nothing is saved or sent."""
+
+    def open_session(self, app: Flask, request: Request) -> t.Any:
+        return BareSession(CONTENT)
+
+    def save_session(self, app: Flask, session: t.Any, response: Response) -> None:
+        pass
+
+
+#: The request paths that read the session, and those that write it.
+READ_PATHS = frozenset({"/read", "/write", "/scalar"})
+WRITE_PATHS = frozenset({"/write"})
+
+
+class FloorInterface(BareInterface):
+    """Bare, plus the store's minimum work for the request: one read of a
+    record of its own for a request that reads the session, and that read
+    and one write back of the same bytes for a request that writes it. No
+    decoding, no encoding, no cookie, no ID hashing."""
+
+    def __init__(self, floor: Floor, data: bytes) -> None:
+        self.floor = floor
+        self.key = f"floor-{len(data)}"
+        floor.setup(self.key, data)
+
+    def open_session(self, app: Flask, request: Request) -> t.Any:
+        content = BareSession(CONTENT)
+        if request.path in READ_PATHS:
+            raw = self.floor.read(self.key)
+            if request.path in WRITE_PATHS:
+                request.environ["bench.floor"] = raw
+        return content
+
+    def save_session(self, app: Flask, session: t.Any, response: Response) -> None:
+        raw = t.cast("bytes | None", request.environ.get("bench.floor"))
+        if raw is not None:
+            self.floor.write(self.key, raw)
+
+
+class Floor:
+    """A store's minimum work: :meth:`read` and :meth:`write` one record."""
+
+    def setup(self, key: str, data: bytes) -> None:
+        self.write(key, data)
+
+    def read(self, key: str) -> bytes:
+        raise NotImplementedError
+
+    def write(self, key: str, data: bytes) -> None:
+        raise NotImplementedError
+
+
+class FileFloor(Floor):
+    """One ``open``/``fstat``/``read``/``close`` of the record file; a write
+    is that and one ``open``/``pwrite``/``close`` in place."""
+
+    def __init__(self, directory: pathlib.Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = str(directory)
+
+    def setup(self, key: str, data: bytes) -> None:
+        pathlib.Path(self.directory, key).write_bytes(data)
+
+    def read(self, key: str) -> bytes:
+        fd = os.open(os.path.join(self.directory, key), os.O_RDONLY)
+        try:
+            return os.read(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+
+    def write(self, key: str, data: bytes) -> None:
+        fd = os.open(os.path.join(self.directory, key), os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, 0)
+        finally:
+            os.close(fd)
+
+
+class SQLFloor(Floor):
+    """One ``SELECT`` by key (a write: and one ``UPDATE`` by key) on a
+    pooled driver connection of an engine in autocommit mode, as ours."""
+
+    def __init__(self, url: str) -> None:
+        import sqlalchemy as sa
+
+        self.engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+        sqlite = self.engine.dialect.name == "sqlite"
+        if sqlite:
+            sa.event.listen(self.engine, "connect", _sqlite_wal)
+        blob, mark = ("BLOB", "?") if sqlite else ("BYTEA", "%s")
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql(
+                "CREATE TABLE IF NOT EXISTS floor_sessions"
+                f" (id VARCHAR(255) PRIMARY KEY, data {blob} NOT NULL, expires FLOAT NOT NULL)"
+            )
+        self.select = f"SELECT data, expires FROM floor_sessions WHERE id = {mark}"
+        self.update = f"UPDATE floor_sessions SET data = {mark}, expires = {mark} WHERE id = {mark}"
+        self.delete = f"DELETE FROM floor_sessions WHERE id = {mark}"
+        self.insert = (
+            f"INSERT INTO floor_sessions (id, data, expires) VALUES ({mark}, {mark}, {mark})"
+        )
+
+    def setup(self, key: str, data: bytes) -> None:
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql(self.delete, (key,))
+            conn.exec_driver_sql(self.insert, (key, data, 1e10))
+
+    def read(self, key: str) -> bytes:
+        conn = self.engine.raw_connection()
+        try:
+            cursor = conn.cursor()
+            cursor.execute(self.select, (key,))
+            row = cursor.fetchone()
+            cursor.close()
+        finally:
+            conn.close()
+        return bytes(row[0])
+
+    def write(self, key: str, data: bytes) -> None:
+        conn = self.engine.raw_connection()
+        try:
+            cursor = conn.cursor()
+            cursor.execute(self.update, (data, 1e10, key))
+            cursor.close()
+        finally:
+            conn.close()
+
+
+def _sqlite_wal(dbapi_connection: t.Any, record: t.Any) -> None:
+    # What ours does on connect: WAL mode with synchronous=NORMAL.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+class RedisFloor(Floor):
+    """One ``GET``; a write: and one ``SET`` with an expiry."""
+
+    def __init__(self, client: t.Any) -> None:
+        self.client = client
+
+    def read(self, key: str) -> bytes:
+        return t.cast(bytes, self.client.get(key))
+
+    def write(self, key: str, data: bytes) -> None:
+        self.client.set(key, data, ex=3600)
+
+
+class MemcachedFloor(Floor):
+    """One ``get``; a write: and one ``set`` that waits for its reply."""
+
+    def __init__(self, client: t.Any) -> None:
+        self.client = client
+
+    def read(self, key: str) -> bytes:
+        return t.cast(bytes, self.client.get(key))
+
+    def write(self, key: str, data: bytes) -> None:
+        self.client.set(key, data, expire=3600, noreply=False)
+
+
 @dataclass
 class Store:
     """A started store and how each app is configured to use it."""
@@ -130,14 +333,27 @@ class Store:
     flask_session: t.Callable[[], dict[str, t.Any]]
     server: Server | None = None
     clients: list[t.Any] = field(default_factory=list)
+    #: Makes the store's minimal client for the floor app (see :class:`Floor`).
+    floor: t.Callable[[], Floor] | None = None
 
     @property
     def label(self) -> str:
         return LABELS[self.name]
 
 
-def make_app(kind: str, store: Store, instance: pathlib.Path) -> Flask:
+def make_app(
+    kind: str, store: Store, instance: pathlib.Path, floor_data: bytes | None = None
+) -> Flask:
+    """The app ``kind`` on ``store``; a ``floor`` app works on a record of
+    its own holding ``floor_data`` (default: the serialized content)."""
     instance.mkdir(parents=True, exist_ok=True)
+    if kind == "bare":
+        return bare_app(instance, BareInterface())
+    if kind == "floor":
+        assert store.floor is not None
+        if floor_data is None:
+            floor_data = json.dumps({**CONTENT, "_permanent": True}).encode()
+        return bare_app(instance, FloorInterface(store.floor(), floor_data))
     if kind == "cookie":
         return cookie_app(instance)
     if kind == "cookie-np":
@@ -158,7 +374,7 @@ def start_store(name: str, tmp: pathlib.Path) -> Store:
     tmp.mkdir(parents=True, exist_ok=True)
     if name in ("filesystem", "sqlite"):
         return configure_store(name, tmp)
-    module = importlib.import_module(f"tests.servers.{name}")
+    module = importlib.import_module(f"tests.servers.{name.rstrip('3')}")
     server: Server = module.start(tmp)
     try:
         if name == "redis":
@@ -169,7 +385,12 @@ def start_store(name: str, tmp: pathlib.Path) -> Store:
             # outage tests need that); Redis's default is no AOF at all.
             admin.config_set("appendonly", "no")
             admin.close()
-        store = configure_store(name, tmp, server.url)
+        url = server.url
+        if name == "postgres3":
+            import psycopg  # noqa: F401  (skip the store with a clear error)
+
+            url = url.replace("+psycopg2://", "+psycopg://")
+        store = configure_store(name, tmp, url)
     except BaseException:
         server.stop()
         raise
@@ -188,20 +409,23 @@ def configure_store(name: str, tmp: pathlib.Path, url: str | None = None) -> Sto
                 "SESSION_TYPE": "filesystem",
                 "SESSION_FILE_DIR": str(tmp / "flask-session"),
             },
+            floor=lambda: FileFloor(tmp / "floor"),
         )
     if name == "sqlite":
         # One database file for both: the same store.
         url = f"sqlite:///{tmp}/sessions.sqlite3"
     assert url is not None
-    if name in ("sqlite", "postgres"):
+    if name in ("sqlite", "postgres", "postgres3"):
+        sql_url = url
         return Store(
             name,
             ours={"SESSION_BACKEND": "sqlalchemy", "SESSION_SQLALCHEMY_URL": url},
             flask_session=lambda: {
                 "SESSION_TYPE": "sqlalchemy",
                 "SESSION_SQLALCHEMY_TABLE": "flask_sessions",
-                "_SQLALCHEMY_URI": url,
+                "_SQLALCHEMY_URI": sql_url,
             },
+            floor=lambda: SQLFloor(sql_url),
         )
     port = urlsplit(url).port
     clients: list[t.Any] = []
@@ -214,7 +438,12 @@ def configure_store(name: str, tmp: pathlib.Path, url: str | None = None) -> Sto
             clients.append(client)
             return {"SESSION_TYPE": "redis", "SESSION_REDIS": client}
 
-        return Store(name, ours, redis_config, clients=clients)
+        def redis_floor() -> Floor:
+            floor = RedisFloor(redis.Redis(host="127.0.0.1", port=port))
+            clients.append(floor.client)
+            return floor
+
+        return Store(name, ours, redis_config, clients=clients, floor=redis_floor)
     if name == "memcached":
         import pymemcache
 
@@ -227,7 +456,16 @@ def configure_store(name: str, tmp: pathlib.Path, url: str | None = None) -> Sto
             clients.append(client)
             return {"SESSION_TYPE": "memcached", "SESSION_MEMCACHED": client}
 
-        return Store(name, ours, memcached_config, clients=clients)
+        def memcached_floor() -> Floor:
+            # The client and options ours uses (cachelib's MemcachedCache
+            # over a pymemcache.PooledClient that waits for every reply).
+            client = pymemcache.PooledClient(
+                ("127.0.0.1", port), ignore_exc=False, default_noreply=False
+            )
+            clients.append(client)
+            return MemcachedFloor(client)
+
+        return Store(name, ours, memcached_config, clients=clients, floor=memcached_floor)
     raise ValueError(name)
 
 

@@ -1,14 +1,22 @@
-"""Per-request cost: Flask's cookie session vs flask_serverside vs Flask-Session 0.8.
+"""Per-request cost against the floor: bare, floor, ours, cookie, Flask-Session 0.8.
 
-For each store (filesystem, SQLite, PostgreSQL, Redis, Memcached) and each
-request shape (a request that leaves the session untouched, one that reads
-it, one that writes a key), the three apps are called directly as WSGI apps
-with a prebuilt environ carrying the session cookie each got from a first
-request. They take turns in rounds; the table shows each one's median cost
-per request and the median of the per-round ratios, with a PASS/FAIL per
-target. For every missed target, cProfile output of our request and of the
-cookie one follows (sorted by tottime) and is written to
-``benchmarks/results/``.
+For each store (filesystem, SQLite, PostgreSQL with psycopg2 and with
+psycopg 3, Redis, Memcached) and each request shape (a request that leaves
+the session untouched, one that reads it, one that writes a key), five apps
+are called directly as WSGI apps with a prebuilt environ carrying the
+session cookie each got from a first request:
+
+- bare: the same Flask request without session machinery (a session
+  interface that hands out a dict and saves nothing);
+- floor: bare plus the store's minimum work through the same client (one
+  read for a read; one read and one write for a write);
+- ours, Flask's cookie session (permanent) and Flask-Session 0.8.
+
+They take turns in rounds; the table shows each one's median cost per
+request, and ours - floor as a multiple of bare (our own cost), each the
+median of the per-round figures, with a PASS/FAIL per target of issue 16.
+A last row per store reads one scalar from a 64 KB session and from a
+100-byte one. ``--profile`` writes cProfile output to ``benchmarks/results/``.
 
 Run it from the repository root: ``python benchmarks/run.py`` (or
 ``make bench``). PostgreSQL, Redis and Memcached are started on loopback
@@ -44,23 +52,22 @@ from benchmarks.harness import Target  # noqa: E402
 
 SHAPES = ("untouched", "read", "write")
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-READ_BODY = b"ada:42:3"
+EXPECT = {"untouched": b"ok", "read": b"ada:42:3", "write": b"ok", "scalar": b"42"}
+
+#: Targets of issue 16, as multiples of bare.
+UNTOUCHED_MAX = 1.3  # ours / bare
+READ_OWN_MAX = 1.0  # (ours - floor) / bare
+WRITE_OWN_MAX = 2.0  # (ours - floor) / bare, + one round trip on Memcached
+SCALAR_EXCESS_MAX = 0.25  # noise allowance for the 64 KB vs 100 B read
+#: Stores whose write may take one more round trip than the floor's.
+EXTRA_ROUND_TRIP = frozenset({"memcached"})
 
 
-def ours_cookie_target(shape: str, backend: str) -> float:
-    """The highest allowed ours/cookie ratio."""
-    if shape == "untouched":
-        return 1.05
-    if shape == "read":
-        return {"filesystem": 1.25, "postgres": 2.0}.get(backend, 1.5)
-    return {"filesystem": 1.6, "postgres": 3.0}.get(backend, 2.2)
-
-
-def fs_ours_target(shape: str, backend: str) -> float | None:
-    """The lowest allowed flask-session/ours ratio (read requests only)."""
-    if shape != "read":
-        return None
-    return 5.0 if backend in ("sqlite", "postgres") else 2.0
+def per_round(samples: dict[str, list[float]], func: t.Callable[..., float]) -> float:
+    """The median over the rounds of ``func(**one_round's_samples)``."""
+    names = list(samples)
+    rounds = zip(*(samples[name] for name in names))
+    return median([func(**dict(zip((n.replace("-", "_") for n in names), r))) for r in rounds])
 
 
 @dataclass
@@ -68,18 +75,17 @@ class Row:
     backend: str
     shape: str
     cost: dict[str, float]
-    ours_cookie: float
-    fs_ours: float
-    ours_cookie_np: float | None
+    ours_bare: float  # ours / bare
+    own: float  # (ours - floor) / bare
+    fs_ours: float | None  # flask-session / ours
+    limit: float | None = None  # the highest allowed `own` (or ours/bare)
+    fs_ok: bool | None = None
 
     @property
-    def ours_cookie_ok(self) -> bool:
-        return self.ours_cookie <= ours_cookie_target(self.shape, self.backend)
-
-    @property
-    def fs_ours_ok(self) -> bool | None:
-        low = fs_ours_target(self.shape, self.backend)
-        return None if low is None else self.fs_ours >= low
+    def ok(self) -> bool:
+        assert self.limit is not None
+        value = self.ours_bare if self.shape == "untouched" else self.own
+        return value <= self.limit
 
 
 def verdict(ok: bool | None) -> str:
@@ -87,63 +93,183 @@ def verdict(ok: bool | None) -> str:
 
 
 HEADER = (
-    f"{'store':<11} {'request':<10} {'cookie µs':>10} {'ours µs':>9} {'f-s µs':>9}"
-    f"  {'ours/cookie':>11} {'target':>7} {'':4}  {'f-s/ours':>8} {'target':>7} {'':4}"
+    f"{'store':<11} {'request':<9} {'bare':>6} {'floor':>6} {'ours':>6} {'cookie':>6}"
+    f" {'f-s':>6}  {'ours/bare':>9} {'(ours-floor)/bare':>17}  {'target':<16}"
+    f" {'f-s/ours':>8} {'':4}"
 )
 
 
 def format_row(row: Row) -> str:
-    low = fs_ours_target(row.shape, row.backend)
-    high = ours_cookie_target(row.shape, row.backend)
+    us = {kind: format(value * 1e6, "6.0f") for kind, value in row.cost.items()}
+    assert row.limit is not None
+    what = "ours/bare" if row.shape == "untouched" else "own"
+    target = f"{what} <= {row.limit:.2f} {verdict(row.ok)}"
+    fs = "" if row.fs_ours is None else f"{row.fs_ours:8.2f} {verdict(row.fs_ok):4}"
     return (
-        f"{apps.LABELS[row.backend]:<11} {row.shape:<10}"
-        f" {row.cost['cookie'] * 1e6:>10.1f} {row.cost['ours'] * 1e6:>9.1f}"
-        f" {row.cost['flask-session'] * 1e6:>9.1f}"
-        f"  {row.ours_cookie:>11.2f} {'<= ' + format(high, '.2f'):>7}"
-        f" {verdict(row.ours_cookie_ok):4}"
-        f"  {row.fs_ours:>8.2f} {('>= ' + format(low, '.1f')) if low else '':>7}"
-        f" {verdict(row.fs_ours_ok):4}"
+        f"{apps.LABELS[row.backend]:<11} {row.shape:<9} {us['bare']} {us['floor']}"
+        f" {us['ours']} {us['cookie']} {us.get('flask-session', '     -')}"
+        f"  {row.ours_bare:9.2f} {row.own:17.2f}  {target:<16} {fs}"
     ).rstrip()
 
 
-def targets_for(shape: str, made: dict[str, tuple[t.Any, str]]) -> dict[str, Target]:
-    expect = {"untouched": b"ok", "read": READ_BODY, "write": b"ok"}[shape]
-    kinds = [*apps.KINDS, "cookie-np"] if shape == "untouched" else list(apps.KINDS)
+@dataclass
+class ScalarRow:
+    backend: str
+    small: float  # ours, 100-byte session
+    big: float  # ours, 64 KB session
+    floor_diff: float  # floor big - floor small (reading the bigger record)
+    decode_diff: float  # serializer.loads(big) - loads(small)
+    excess: float  # ((big - small) - floor_diff - decode_diff) / bare
+    big_size: int
+
+    @property
+    def ok(self) -> bool:
+        return self.excess <= SCALAR_EXCESS_MAX
+
+    def format(self) -> str:
+        return (
+            f"{apps.LABELS[self.backend]:<11} small {self.small * 1e6:6.0f} µs,"
+            f" {self.big_size // 1024} KB {self.big * 1e6:6.0f} µs;"
+            f" difference {(self.big - self.small) * 1e6:6.0f} µs"
+            f" - store read {self.floor_diff * 1e6:5.0f} - decode {self.decode_diff * 1e6:5.0f}"
+            f" = {self.excess:5.2f}x bare  (<= {SCALAR_EXCESS_MAX:.2f}) {verdict(self.ok)}"
+        )
+
+
+def make_targets(
+    shape: str, made: dict[str, tuple[t.Any, str | None]], kinds: t.Iterable[str]
+) -> dict[str, Target]:
+    path = "/scalar" if shape == "scalar" else f"/{shape}"
     return {
-        kind: Target(made[kind][0], [environ(f"/{shape}", made[kind][1])], expect) for kind in kinds
+        kind: Target(made[kind][0], [environ(path, made[kind][1])], EXPECT[shape])
+        for kind in kinds
+        if kind in made
     }
 
 
-def bench_store(
-    store: apps.Store,
-    tmp: pathlib.Path,
-    args: argparse.Namespace,
-    fails: list[tuple[Row, dict[str, Target]]],
-) -> list[Row]:
-    made = {}
-    for kind in [*apps.KINDS, "cookie-np"]:
+def make_apps(store: apps.Store, tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, t.Any]:
+    made: dict[str, tuple[t.Any, str | None]] = {}
+    for kind in apps.KINDS:
+        if kind == "flask-session" and store.name in args.no_flask_session:
+            continue
         app = apps.make_app(kind, store, tmp / kind)
-        made[kind] = (app, login(app))
-    rows = []
+        made[kind] = (app, None if kind in ("bare", "floor") else login(app))
+    return made
+
+
+def decode_cost(loads: t.Callable[[bytes], t.Any], raw: bytes) -> float:
+    """Seconds per ``loads(raw)``: the median of 15 timings."""
+    n = max(10, round(0.005 / _once(loads, raw)))
+    times = []
+    for _ in range(15):
+        start = time.perf_counter()
+        for _ in range(n):
+            loads(raw)
+        times.append((time.perf_counter() - start) / n)
+    return median(times)
+
+
+def _once(loads: t.Callable[[bytes], t.Any], raw: bytes) -> float:
+    start = time.perf_counter()
+    loads(raw)
+    return max(time.perf_counter() - start, 1e-7)
+
+
+def bench_store(store: apps.Store, tmp: pathlib.Path, args: argparse.Namespace) -> list[Row]:
+    made = make_apps(store, tmp, args)
+    rows: list[Row] = []
+    round_trip = 0.0
     for shape in SHAPES:
-        targets = targets_for(shape, made)
+        targets = make_targets(shape, made, apps.KINDS)
         samples = measure(targets, args.rounds, args.batch_seconds)
         cost = {kind: median(values) for kind, values in samples.items()}
         row = Row(
             store.name,
             shape,
             cost,
-            paired_ratio(samples["ours"], samples["cookie"]),
-            paired_ratio(samples["flask-session"], samples["ours"]),
-            paired_ratio(samples["ours"], samples["cookie-np"]) if "cookie-np" in samples else None,
+            paired_ratio(samples["ours"], samples["bare"]),
+            per_round(
+                {k: samples[k] for k in ("ours", "floor", "bare")},
+                lambda ours, floor, bare: (ours - floor) / bare,
+            ),
+            (
+                paired_ratio(samples["flask-session"], samples["ours"])
+                if "flask-session" in samples
+                else None
+            ),
         )
+        if shape == "untouched":
+            row.limit = UNTOUCHED_MAX
+        elif shape == "read":
+            row.limit = READ_OWN_MAX
+            # One store round trip through the client, as the floor does it.
+            round_trip = median([f - b for f, b in zip(samples["floor"], samples["bare"])])
+            if row.fs_ours is not None:
+                row.fs_ok = row.fs_ours >= 1.0
+        else:
+            extra = round_trip / cost["bare"] if store.name in EXTRA_ROUND_TRIP else 0.0
+            row.limit = WRITE_OWN_MAX + extra
         print(format_row(row), flush=True)
         rows.append(row)
-        missed = not row.ours_cookie_ok or row.fs_ours_ok is False
-        if not args.no_profile and (args.profile_all or missed):
-            fails.append((row, targets))
+        if wants_profile(args, row):
             write_profiles(row, targets, args)
     return rows
+
+
+def bench_scalar(store: apps.Store, tmp: pathlib.Path, args: argparse.Namespace) -> ScalarRow:
+    """Read one scalar from a 64 KB session and from a 100-byte one."""
+    from flask_serverside.serializers import get_serializer
+
+    ours = apps.make_app("ours", store, tmp / "ours-scalar")
+    serializer = get_serializer(ours.config["SESSION_SERIALIZER"])
+    small_raw = serializer.dumps({**apps.CONTENT, "_permanent": True})
+    big_raw = serializer.dumps({**apps.CONTENT, "notes": apps.NOTES, "_permanent": True})
+    made: dict[str, tuple[t.Any, str | None]] = {
+        "bare": (apps.make_app("bare", store, tmp / "bare-scalar"), None),
+        "ours-small": (ours, login(ours)),
+        "ours-big": (ours, login(ours, "/login-big")),
+        "floor-small": (apps.make_app("floor", store, tmp / "fs", small_raw), None),
+        "floor-big": (apps.make_app("floor", store, tmp / "fb", big_raw), None),
+    }
+    targets = make_targets("scalar", made, made)
+    samples = measure(targets, args.rounds, args.batch_seconds)
+    decode = decode_cost(serializer.loads, big_raw) - decode_cost(serializer.loads, small_raw)
+    floor_diff = median([b - s for b, s in zip(samples["floor-big"], samples["floor-small"])])
+    excess = per_round(
+        samples,
+        lambda bare, ours_small, ours_big, floor_small, floor_big: (
+            ((ours_big - ours_small) - (floor_big - floor_small) - decode) / bare
+        ),
+    )
+    row = ScalarRow(
+        store.name,
+        median(samples["ours-small"]),
+        median(samples["ours-big"]),
+        floor_diff,
+        decode,
+        excess,
+        len(big_raw),
+    )
+    print(row.format(), flush=True)
+    if args.profile and (args.profile == "all" or f"{store.name}:scalar" in args.profile):
+        RESULTS.mkdir(exist_ok=True)
+        n = args.profile_requests
+        stats = profile(targets["ours-big"], n)
+        path = RESULTS / f"profile-{store.name}-scalar-64k.txt"
+        path.write_text(
+            f"## ours, 64 KB session, by tottime\n{format_stats(stats, 'tottime', 40)}\n"
+        )
+    return row
+
+
+def wants_profile(args: argparse.Namespace, row: Row) -> bool:
+    if not args.profile:
+        return False
+    if args.profile == "all":
+        return True
+    if args.profile == "misses":
+        return not row.ok or row.fs_ok is False
+    return f"{row.backend}:{row.shape}" in args.profile.split(",")
 
 
 def write_profiles(row: Row, targets: dict[str, Target], args: argparse.Namespace) -> None:
@@ -151,25 +277,22 @@ def write_profiles(row: Row, targets: dict[str, Target], args: argparse.Namespac
     n = args.profile_requests
     lines = args.profile_lines
     ours = profile(targets["ours"], n)
-    cookie = profile(targets["cookie"], n)
-    theirs = profile(targets["flask-session"], n)
-    text = "\n\n".join(
-        [
-            f"# {apps.LABELS[row.backend]}, {row.shape}: cProfile of {n} requests each",
-            "## Store and kernel calls per request (built-ins, own time under cProfile)\n"
-            f"ours:\n{io_calls(ours, n)}\nflask-session:\n{io_calls(theirs, n)}",
-            f"## ours, by tottime\n{format_stats(ours, 'tottime', lines)}",
-            f"## cookie, by tottime\n{format_stats(cookie, 'tottime', lines)}",
-            "## ours, by cumulative time, flask_serverside's functions only\n"
-            + format_stats(ours, "cumulative", "flask_serverside", lines),
-        ]
-    )
+    bare = profile(targets["bare"], n)
+    parts = [
+        f"# {apps.LABELS[row.backend]}, {row.shape}: cProfile of {n} requests each",
+        "## Store and kernel calls per request (built-ins, own time under cProfile)\n"
+        f"ours:\n{io_calls(ours, n)}",
+        f"## ours, by tottime\n{format_stats(ours, 'tottime', lines)}",
+        f"## bare, by tottime\n{format_stats(bare, 'tottime', lines)}",
+        "## ours, by cumulative time, flask_serverside's functions only\n"
+        + format_stats(ours, "cumulative", "flask_serverside", lines),
+    ]
+    if "flask-session" in targets:
+        theirs = profile(targets["flask-session"], n)
+        parts.insert(2, f"flask-session:\n{io_calls(theirs, n)}")
     path = RESULTS / f"profile-{row.backend}-{row.shape}.txt"
-    path.write_text(text + "\n")
-    row_profiles[(row.backend, row.shape)] = path
-
-
-row_profiles: dict[tuple[str, str], pathlib.Path] = {}
+    path.write_text("\n\n".join(parts) + "\n")
+    print(f"  profile: {path.relative_to(apps.ROOT)}", flush=True)
 
 
 def parse_setting(item: str) -> tuple[str, t.Any]:
@@ -212,13 +335,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (15)")
     parser.add_argument(
-        "--batch-seconds", type=float, default=0.05, help="time of one app's batch in a round"
+        "--batch-seconds",
+        type=float,
+        default=0.05,
+        help="time of one app's batch in a round (0.05)",
     )
     parser.add_argument(
         "--backends", default=",".join(apps.BACKENDS), help="comma-separated subset of stores"
     )
-    parser.add_argument("--profile-all", action="store_true", help="profile every cell")
-    parser.add_argument("--no-profile", action="store_true", help="profile no cell")
+    parser.add_argument(
+        "--no-scalar", action="store_true", help="skip the 64 KB vs 100-byte read row"
+    )
+    parser.add_argument(
+        "--no-flask-session",
+        default="",
+        metavar="STORES",
+        help="comma-separated stores to run without Flask-Session",
+    )
+    parser.add_argument(
+        "--profile",
+        default="",
+        metavar="WHAT",
+        help="cProfile cells: 'misses', 'all', or store:shape,... (e.g. filesystem:read,"
+        "redis:scalar); written to benchmarks/results/",
+    )
     parser.add_argument("--profile-requests", type=int, default=2000)
     parser.add_argument("--profile-lines", type=int, default=30)
     parser.add_argument(
@@ -232,19 +372,20 @@ def main() -> None:
         "--tmpdir", help="where files and SQLite live (default: the system's temp dir)"
     )
     args = parser.parse_args()
+    args.no_flask_session = set(filter(None, args.no_flask_session.split(",")))
     apps.quiet()
 
     extra = dict(parse_setting(item) for item in args.set)
     started = time.perf_counter()
     print(describe(extra))
     print(
-        f"Median cost per request over {args.rounds} interleaved rounds; ratios are"
-        " medians of the per-round ratios.\n"
+        f"Median µs per request over {args.rounds} interleaved rounds; ratios are medians"
+        " of the per-round ratios. own = (ours - floor) / bare.\n"
     )
     print(HEADER)
     rows: list[Row] = []
+    scalars: list[ScalarRow] = []
     skipped: list[str] = []
-    fails: list[tuple[Row, dict[str, Target]]] = []
     with tempfile.TemporaryDirectory(prefix="fss-bench-", dir=args.tmpdir) as tmp:
         for name in args.backends.split(","):
             with apps.started_store(name, pathlib.Path(tmp) / name) as store:
@@ -253,7 +394,9 @@ def main() -> None:
                     print(f"{apps.LABELS[name]:<11} {store}", flush=True)
                     continue
                 store.ours = {**store.ours, **extra}
-                rows += bench_store(store, pathlib.Path(tmp) / name, args, fails)
+                rows += bench_store(store, pathlib.Path(tmp) / name, args)
+                if not args.no_scalar:
+                    scalars.append(bench_scalar(store, pathlib.Path(tmp) / name, args))
 
     print("\n" + "=" * len(HEADER))
     print(HEADER)
@@ -261,26 +404,17 @@ def main() -> None:
         print(format_row(row))
     for note in skipped:
         print(f"  {note}")
-    strict = [r for r in rows if r.ours_cookie_np is not None]
-    if strict:
+    if scalars:
         print(
-            "\nUntouched, against a non-permanent cookie session (which Flask does not"
-            " re-sign on untouched requests):"
+            "\nRead one scalar from a 64 KB session vs a 100-byte one (ours): the difference"
+            " minus the floor's (reading the bigger record) and the serializer's extra"
+            " decode, as a multiple of bare:"
         )
-        for row in strict:
-            cost = row.cost["cookie-np"] * 1e6
-            assert row.ours_cookie_np is not None
-            print(
-                f"  {apps.LABELS[row.backend]:<11} cookie {cost:6.1f} µs, ours/cookie"
-                f" {row.ours_cookie_np:.2f} {verdict(row.ours_cookie_np <= 1.05)}"
-            )
-    total = sum(1 + (r.fs_ours_ok is not None) for r in rows)
-    met = sum(r.ours_cookie_ok + bool(r.fs_ours_ok) for r in rows)
+        for scalar in scalars:
+            print("  " + scalar.format())
+    total = len(rows) + sum(r.fs_ok is not None for r in rows) + len(scalars)
+    met = sum(r.ok for r in rows) + sum(bool(r.fs_ok) for r in rows) + sum(s.ok for s in scalars)
     print(f"\n{met} of {total} targets met; {time.perf_counter() - started:.0f} s.")
-    for row in fails:
-        path = row_profiles[(row[0].backend, row[0].shape)]
-        print(f"\n{'-' * 30} {path.relative_to(apps.ROOT)} {'-' * 30}")
-        print(path.read_text())
 
 
 if __name__ == "__main__":
