@@ -9,8 +9,9 @@ class BackendUnavailable(ServiceUnavailable):
     """The session store could not be reached; the request gets a 503.
 
     The store's own exception is the ``__cause__``. The response carries
-    ``Retry-After: 5`` (:data:`RETRY_AFTER` seconds), so that clients and
-    load balancers wait a moment before they try again.
+    ``Retry-After: 5`` (:data:`~flask_serverside.exceptions.RETRY_AFTER`
+    seconds), so that clients and load balancers wait a moment before they
+    try again.
 
     .. versionadded:: 0.1
 
