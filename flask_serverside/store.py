@@ -286,7 +286,6 @@ class SessionStore:
         return self._call("clearing", self.backend.clear)
 
 
-
 def _error_text(exc: BaseException) -> str:
     """The exception's type and message on one line, for the log."""
     message = " ".join(str(exc).split())

@@ -14,9 +14,8 @@ from flask_serverside import ServerSide
 from tests.servers import free_port
 
 
-def closed_port_config(kind: str) -> dict[str, t.Any]:
+def closed_port_config(kind: str, port: int) -> dict[str, t.Any]:
     """Config for a store on a loopback port nothing listens on."""
-    port = free_port()
     if kind == "redis":
         return {"SESSION_BACKEND": "cachelib", "SESSION_CACHELIB": f"redis://127.0.0.1:{port}/0"}
     if kind == "memcached":
@@ -28,7 +27,8 @@ def closed_port_config(kind: str) -> dict[str, t.Any]:
 
 
 def make_app(tmp_path: t.Any, kind: str) -> tuple[Flask, int]:
-    config = closed_port_config(kind)
+    port = free_port()
+    config = closed_port_config(kind, port)
     app = Flask(__name__, instance_path=str(tmp_path))
     app.config.update(SECRET_KEY="secret", TESTING=True, **config)
     ServerSide(app)
@@ -42,8 +42,6 @@ def make_app(tmp_path: t.Any, kind: str) -> tuple[Flask, int]:
         session["a"] = "1"
         return "ok"
 
-    port = int(str(config.get("SESSION_CACHELIB") or config["SESSION_SQLALCHEMY_URL"])
-               .rsplit(":", 1)[1].split("/")[0])
     return app, port
 
 
