@@ -8,15 +8,29 @@ from werkzeug.exceptions import ServiceUnavailable
 class BackendUnavailable(ServiceUnavailable):
     """The session store could not be reached; the request gets a 503.
 
-    The store's own exception is the ``__cause__``.
+    The store's own exception is the ``__cause__``. The response carries
+    ``Retry-After: 5`` (:data:`~flask_serverside.exceptions.RETRY_AFTER`
+    seconds), so that clients and load balancers wait a moment before they
+    try again.
 
     .. versionadded:: 0.1
+
+    .. versionchanged:: 0.2
+        The response has a ``Retry-After`` header.
     """
 
     description = (
         "The session store is not available right now. Please try again in a"
         " moment."
     )
+
+    def __init__(self, description: str | None = None) -> None:
+        super().__init__(description, retry_after=RETRY_AFTER)
+
+
+#: Seconds the ``Retry-After`` header of a :exc:`BackendUnavailable` 503 asks
+#: clients to wait: short, since most outages are a restart or a failover.
+RETRY_AFTER = 5
 
 
 class SessionTooLarge(Exception):

@@ -19,6 +19,48 @@ if t.TYPE_CHECKING:
     from flask import Flask
 
 _BACKEND_NAMES = ("filesystem", "sqlalchemy", "cachelib")
+#: The keys that configure one backend; setting one chooses that backend.
+_BACKEND_KEYS = {
+    "filesystem": ("SESSION_FILE_DIR",),
+    "sqlalchemy": (
+        "SESSION_SQLALCHEMY_URL",
+        "SESSION_SQLALCHEMY_ENGINE",
+        "SESSION_SQLALCHEMY_TABLE",
+        "SESSION_SQLALCHEMY_CREATE_TABLE",
+    ),
+    "cachelib": ("SESSION_CACHELIB",),
+}
+#: What to set instead of a SESSION_BACKEND name people guess.
+_REDIS = "SESSION_BACKEND='cachelib' with SESSION_CACHELIB='redis://localhost:6379/0'"
+_MEMCACHED = "SESSION_BACKEND='cachelib' with SESSION_CACHELIB='memcached://localhost:11211'"
+_POSTGRES = (
+    "SESSION_BACKEND='sqlalchemy' with"
+    " SESSION_SQLALCHEMY_URL='postgresql+psycopg2://user:password@host/dbname'"
+)
+_SQL = "SESSION_BACKEND='sqlalchemy' (SQLite in the instance folder, or a SESSION_SQLALCHEMY_URL)"
+_ALIASES = {
+    "redis": _REDIS,
+    "rediss": _REDIS,
+    "valkey": _REDIS,
+    "memcached": _MEMCACHED,
+    "memcache": _MEMCACHED,
+    "pymemcache": _MEMCACHED,
+    "simple": "SESSION_BACKEND='cachelib' with SESSION_CACHELIB='simple://'",
+    "sql": _SQL,
+    "sqlite": _SQL,
+    "sqlite3": _SQL,
+    "database": _SQL,
+    "postgres": _POSTGRES,
+    "postgresql": _POSTGRES,
+    "psycopg2": _POSTGRES,
+    "mysql": (
+        "SESSION_BACKEND='sqlalchemy' with"
+        " SESSION_SQLALCHEMY_URL='mysql+pymysql://user:password@host/dbname'"
+    ),
+    "file": "SESSION_BACKEND='filesystem'",
+    "files": "SESSION_BACKEND='filesystem'",
+    "fs": "SESSION_BACKEND='filesystem'",
+}
 _PREFIX_RE = re.compile(r"[!-~]{1,100}")
 _TABLE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
@@ -78,7 +120,9 @@ class ServerSide:
                 " once per app; change app.config before calling it to"
                 " configure it."
             )
-        for key, value in _defaults(app).items():
+        defaults = _defaults(app)
+        _choose_backend(app.config, defaults)
+        for key, value in defaults.items():
             app.config.setdefault(key, value)
         app.session_interface = _make_interface(app.config)
         app.extensions["serverside"] = self
@@ -171,6 +215,45 @@ def _make_interface(config: t.Mapping[str, t.Any]) -> ServerSideSessionInterface
     )
 
 
+def _choose_backend(config: dict[str, t.Any], defaults: dict[str, t.Any]) -> None:
+    """Set ``SESSION_BACKEND`` to the backend whose keys are set, if it is not
+    set; refuse keys of a backend other than the chosen one.
+
+    A key set to ``None`` where that is its default counts as not set.
+
+    :raises ValueError: Keys of two backends, or of a backend other than the
+        one ``SESSION_BACKEND`` names.
+    """
+    chosen = config.get("SESSION_BACKEND")
+    if isinstance(chosen, Backend):
+        return  # A ready backend; the keys that build one do not apply.
+    given = [
+        (name, key)
+        for name, keys in _BACKEND_KEYS.items()
+        for key in keys
+        if key in config and not (config[key] is None and defaults[key] is None)
+    ]
+    if "SESSION_BACKEND" not in config:
+        if not given:
+            return
+        chosen = config["SESSION_BACKEND"] = given[0][0]
+        for name, key in given:
+            if name != chosen:
+                raise ValueError(
+                    f"{given[0][1]} (a setting of the {chosen!r} backend) and {key} (of"
+                    f" the {name!r} backend) are both set. Keep only the settings of the"
+                    " backend you use, and set SESSION_BACKEND to its name."
+                )
+        return
+    for name, key in given:
+        if name != chosen and chosen in _BACKEND_KEYS:
+            raise ValueError(
+                f"SESSION_BACKEND={chosen!r} and {key} are both set, but {key} is a"
+                f" setting of the {name!r} backend, so it would be ignored. Remove"
+                f" {key}, or set SESSION_BACKEND={name!r}."
+            )
+
+
 def _make_backend(config: t.Mapping[str, t.Any]) -> Backend:
     name = config["SESSION_BACKEND"]
     if isinstance(name, Backend):
@@ -181,6 +264,9 @@ def _make_backend(config: t.Mapping[str, t.Any]) -> Backend:
         return _sqlalchemy_backend(config)
     if name == "cachelib":
         return _cachelib_backend(config)
+    advice = _ALIASES.get(name.lower()) if isinstance(name, str) else None
+    if advice is not None:
+        raise ValueError(f"SESSION_BACKEND={name!r} is not a backend name: use {advice}.")
     raise ValueError(
         f"SESSION_BACKEND={name!r} is not a backend: use one of"
         f" {', '.join(map(repr, _BACKEND_NAMES))} or a"

@@ -110,7 +110,12 @@ class SessionStore:
         try:
             yield
         except self.backend.unavailable_errors as exc:
-            logger.error("Session store unavailable while %s: %r", action, exc)
+            logger.error(
+                "Session store unavailable while %s (%s): %s",
+                action,
+                self.backend.describe(),
+                _error_text(exc),
+            )
             raise BackendUnavailable() from exc
 
     def _call(self, action: str, func: Callable[..., T], *args: t.Any) -> T:
@@ -294,3 +299,8 @@ class SessionStore:
     def clear(self) -> int:
         return self._call("clearing", self.backend.clear)
 
+
+def _error_text(exc: BaseException) -> str:
+    """The exception's type and message on one line, for the log."""
+    message = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__

@@ -223,3 +223,91 @@ def test_in_memory_sqlite_is_refused(tmp_path: t.Any) -> None:
     app = make(tmp_path, SESSION_BACKEND="sqlalchemy", SESSION_SQLALCHEMY_URL="sqlite://")
     with pytest.raises(ValueError, match="memory"):
         ServerSide(app)
+
+
+@pytest.mark.parametrize(
+    ("config", "backend"),
+    [
+        ({"SESSION_CACHELIB": "simple://"}, "CacheLibBackend"),
+        ({"SESSION_SQLALCHEMY_URL": "sqlite://{tmp}/s.db"}, "SQLAlchemyBackend"),
+        ({"SESSION_SQLALCHEMY_TABLE": "my_sessions"}, "SQLAlchemyBackend"),
+        ({"SESSION_FILE_DIR": "{tmp}/files"}, "FileSystemBackend"),
+        ({}, "FileSystemBackend"),
+    ],
+)
+def test_store_setting_picks_its_backend(
+    tmp_path: t.Any, config: dict[str, t.Any], backend: str
+) -> None:
+    config = {k: v.format(tmp="/" + str(tmp_path).lstrip("/")) for k, v in config.items()}
+    app = make(tmp_path, **config)
+    ServerSide(app)
+    assert type(app.session_interface.store.backend).__name__ == backend  # type: ignore[attr-defined]
+
+
+def test_engine_setting_picks_sqlalchemy(tmp_path: t.Any) -> None:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path}/s.db")
+    app = make(tmp_path, SESSION_SQLALCHEMY_ENGINE=engine)
+    ServerSide(app)
+    assert app.session_interface.store.backend.engine is engine  # type: ignore[attr-defined]
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("config", "keys"),
+    [
+        (
+            {"SESSION_CACHELIB": "simple://", "SESSION_SQLALCHEMY_URL": "sqlite://"},
+            ("SESSION_CACHELIB", "SESSION_SQLALCHEMY_URL"),
+        ),
+        (
+            {"SESSION_FILE_DIR": "/tmp/x", "SESSION_CACHELIB": "simple://"},
+            ("SESSION_FILE_DIR", "SESSION_CACHELIB"),
+        ),
+        (
+            {"SESSION_BACKEND": "cachelib", "SESSION_CACHELIB": "simple://",
+             "SESSION_FILE_DIR": "/tmp/x"},
+            ("SESSION_BACKEND", "SESSION_FILE_DIR"),
+        ),
+        (
+            {"SESSION_BACKEND": "filesystem", "SESSION_SQLALCHEMY_URL": "sqlite://"},
+            ("SESSION_BACKEND", "SESSION_SQLALCHEMY_URL"),
+        ),
+        (
+            {"SESSION_BACKEND": "sqlalchemy", "SESSION_CACHELIB": "simple://"},
+            ("SESSION_BACKEND", "SESSION_CACHELIB"),
+        ),
+    ],
+)
+def test_conflicting_store_settings_name_both_keys(
+    tmp_path: t.Any, config: dict[str, t.Any], keys: tuple[str, str]
+) -> None:
+    app = make(tmp_path, **config)
+    with pytest.raises(ValueError) as info:
+        ServerSide(app)
+    for key in keys:
+        assert key in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "advice"),
+    [
+        ("redis", "SESSION_CACHELIB='redis://localhost:6379/0'"),
+        ("Redis", "SESSION_CACHELIB='redis://localhost:6379/0'"),
+        ("memcached", "SESSION_CACHELIB='memcached://localhost:11211'"),
+        ("memcache", "SESSION_CACHELIB='memcached://localhost:11211'"),
+        ("simple", "SESSION_CACHELIB='simple://'"),
+        ("sql", "SESSION_BACKEND='sqlalchemy'"),
+        ("sqlite", "SESSION_BACKEND='sqlalchemy'"),
+        ("postgres", "SESSION_SQLALCHEMY_URL='postgresql+psycopg2://"),
+        ("postgresql", "SESSION_SQLALCHEMY_URL='postgresql+psycopg2://"),
+        ("files", "SESSION_BACKEND='filesystem'"),
+    ],
+)
+def test_backend_alias_says_what_to_use(tmp_path: t.Any, name: str, advice: str) -> None:
+    app = make(tmp_path, SESSION_BACKEND=name)
+    with pytest.raises(ValueError) as info:
+        ServerSide(app)
+    assert f"SESSION_BACKEND={name!r}" in str(info.value)
+    assert advice in str(info.value)

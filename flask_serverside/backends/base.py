@@ -112,6 +112,16 @@ class Backend(ABC):
         :raises NotImplementedError: The store cannot list its keys.
         """
 
+    def describe(self) -> str:
+        """Where the store is, for log messages: a directory, a database URL
+        without its password, a server's ``host:port``. Never a secret.
+
+        The default is the class name.
+
+        .. versionadded:: 0.2
+        """
+        return type(self).__name__
+
     def configure(self, prefix: str) -> None:  # noqa: B027
         """Called once by ``init_app`` with the key prefix in use.
 

@@ -209,6 +209,10 @@ class _Store(ABC):
     def __init__(self, cache: BaseCache) -> None:
         self.cache = cache
 
+    def describe(self) -> str:
+        """The cache's class name; network stores add their server."""
+        return type(self.cache).__name__
+
     @abstractmethod
     def load(self, key: str) -> Record | None:
         """The record under ``key``, or ``None`` if missing or not a record."""
@@ -297,6 +301,15 @@ class _RedisStore(_Store):
         #: wakes up, after the request gave up on it (and answered 503),
         #: writes nothing.
         self._replace_window = timeout / 2 if timeout else math.inf
+
+    def describe(self) -> str:
+        pool = getattr(self.client, "connection_pool", None)
+        options = getattr(pool, "connection_kwargs", {})
+        if "host" in options:
+            return f"redis {options['host']}:{options.get('port', 6379)}"
+        if "path" in options:
+            return f"redis {options['path']}"
+        return "redis"
 
     def prefix(self) -> str:
         """cachelib's ``key_prefix``: a string, or a function returning one."""
@@ -398,6 +411,13 @@ class _MemcachedStore(_Store):
         self.errors = (OSError, exceptions.MemcacheServerError)
         self._hash_client = importlib.import_module("pymemcache").HashClient
         _refuse_unpickling_client(cache._client)
+
+    def describe(self) -> str:
+        client = self.cache._client
+        if isinstance(getattr(client, "server", None), tuple):
+            host, port = client.server
+            return f"memcached {host}:{port}"
+        return "memcached " + ",".join(getattr(client, "clients", {}))
 
     def _client(self) -> t.ContextManager[t.Any]:
         # cachelib >= 0.15 may hand out clients from a pool.
@@ -678,6 +698,9 @@ class CacheLibBackend(Backend):
         if isinstance(self.cache, MemcachedCache):
             _check_memcached_length(self.cache, prefix)
         self._prefix = prefix
+
+    def describe(self) -> str:
+        return self._store.describe()
 
     def load(self, key: str) -> Record | None:
         return self._store.load(key)

@@ -73,6 +73,9 @@ class FileSystemBackend(Backend):
         self._name_prefix = _escape("session:")
         self._held = threading.local()
 
+    def describe(self) -> str:
+        return f"filesystem {self.directory}"
+
     def configure(self, prefix: str) -> None:
         name = _escape(prefix)
         if len(name.encode()) + 64 > _NAME_MAX:

@@ -295,6 +295,9 @@ class SQLAlchemyBackend(Backend):
         #: Whether :meth:`_run_driver` prepares its statements.
         self._prepare = True
 
+    def describe(self) -> str:
+        return f"sqlalchemy {self.engine.url.render_as_string(hide_password=True)}"
+
     def configure(self, prefix: str) -> None:
         self._prefix = prefix
 

@@ -341,6 +341,7 @@ def check_failed_save_keeps_record(
     )
     assert response.status_code == 503
     assert "Set-Cookie" not in response.headers
+    assert response.headers["Retry-After"] == "5"
     assert any("while saving" in r.getMessage() for r in caplog.records), "cause not logged"
     deadline = time.monotonic() + 5
     while True:  # the store may need a moment after its restart
