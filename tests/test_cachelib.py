@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 import multiprocessing
 import os
 import pathlib
@@ -25,9 +24,9 @@ from cachelib import BaseCache
 from cachelib import MemcachedCache
 from cachelib import RedisCache
 from cachelib import SimpleCache
+from flask import Flask
 from pymemcache import HashClient  # type: ignore[import-untyped]
 from pymemcache import PooledClient
-from flask import Flask
 from pymemcache.client.base import Client as MemcacheClient  # type: ignore[import-untyped]
 
 from flask_serverside import ServerSide

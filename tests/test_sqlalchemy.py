@@ -198,7 +198,8 @@ def test_count_clear_cleanup_keep_to_the_prefix(
     ours = apps[prefix]
     # Not records of any app: no hex digest, upper case, too long or short.
     digest = hashlib.sha256(b"stray").hexdigest()
-    for stray in (f"{prefix}stray", prefix + digest.upper(), prefix + digest + "0", prefix + digest[1:]):
+    strays = [f"{prefix}stray", prefix + digest.upper(), prefix + digest + "0", prefix + digest[1:]]
+    for stray in strays:
         ours.save(stray, b"x", later())
     now = time.time()
 
