@@ -506,9 +506,10 @@ def _refuse_other_memcached_client(client: t.Any) -> None:
         return
     raise ValueError(
         "SESSION_CACHELIB is a MemcachedCache on"
-        f" {cls.__module__}.{cls.__qualname__}, which unpickles values stored"
-        " with its pickle flag (python-memcached and pylibmc do): a value"
-        " planted in Memcached under a session key would run code in the app."
+        f" {cls.__module__}.{cls.__qualname__}; only pymemcache clients are"
+        " accepted. A python-memcached or pylibmc client (MemcachedCache(['host:port'])"
+        " picks one when installed) unpickles any value stored with its pickle flag:"
+        " a value planted in Memcached under a session key would run code in the app."
         " Use a memcached://host:port URL, or a MemcachedCache built on a"
         " pymemcache client without a pickling serde, such as"
         " MemcachedCache(pymemcache.PooledClient(('host', 11211)))."

@@ -670,7 +670,7 @@ class SQLAlchemyBackend(Backend):
 
     def _own_rows(self) -> sa.ColumnElement[bool]:
         """Select this backend's rows: the key prefix followed by exactly 64
-        lowercase hex digits, as :meth:`.ServerSide` builds keys.
+        lowercase hex digits, as the extension builds keys.
 
         ``LIKE`` narrows the search (with ``%`` and ``_`` escaped), but it
         ignores case on SQLite, so the prefix is compared again exactly; a
