@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 import multiprocessing
 import os
 import pathlib
@@ -25,10 +24,12 @@ from cachelib import BaseCache
 from cachelib import MemcachedCache
 from cachelib import RedisCache
 from cachelib import SimpleCache
+from flask import Flask
 from pymemcache import HashClient  # type: ignore[import-untyped]
 from pymemcache import PooledClient
 from pymemcache.client.base import Client as MemcacheClient  # type: ignore[import-untyped]
 
+from flask_serverside import ServerSide
 from flask_serverside.backends import cachelib as cachelib_module
 from flask_serverside.backends.cachelib import cache_from_url
 from flask_serverside.backends.cachelib import CacheLibBackend
@@ -569,17 +570,64 @@ def test_lock_with_a_noreply_pymemcache_client(memcached_server: Server, prefix:
             client.close()
 
 
-class _OtherMemcacheClient:
-    """Stands for python-memcached or pylibmc: any client but pymemcache."""
+def _unpickling_client(library: str, server: Server) -> t.Any:
+    """A python-memcached or pylibmc client of ``server``."""
+    module = pytest.importorskip(library)
+    return module.Client([f"127.0.0.1:{server.port}"])
 
 
-def test_other_memcached_clients_warn(caplog: pytest.LogCaptureFixture) -> None:
-    cache = cache_from_url("memcached://127.0.0.1:11211")
-    with caplog.at_level(logging.WARNING, logger="flask_serverside"):
+@pytest.mark.parametrize("library", ["memcache", "pylibmc"])
+def test_unpickling_memcached_clients_are_refused_at_init_app(
+    memcached_server: Server,
+    plain_memcached: MemcacheClient,
+    prefix: str,
+    tmp_path: pathlib.Path,
+    library: str,
+) -> None:
+    """python-memcached and pylibmc unpickle any value stored with the
+    pickle flag; init_app refuses a MemcachedCache on them, and says what
+    to use instead."""
+    client = _unpickling_client(library, memcached_server)
+    marker = tmp_path / "executed"
+    # Why: anyone who can write to Memcached runs code in the app.
+    plain_memcached.set(key(prefix, "probe"), pickle.dumps(_Plant(marker)), 100, flags=1)
+    client.get(key(prefix, "probe"))
+    assert marker.exists()
+    marker.unlink()
+    plain_memcached.set(key(prefix), pickle.dumps(_Plant(marker)), 100, flags=1)
+    app = Flask(__name__)
+    app.config.update(
+        SESSION_BACKEND="cachelib",
+        SESSION_CACHELIB=MemcachedCache(client),
+        SESSION_KEY_PREFIX=prefix,
+    )
+    with pytest.raises(ValueError) as info:
+        ServerSide(app)
+    message = str(info.value)
+    assert f"{type(client).__module__}.{type(client).__qualname__}" in message
+    assert "unpickles" in message
+    assert "memcached://host:port" in message
+    assert "pymemcache" in message
+    assert not marker.exists()
+
+
+def test_memcached_cache_picking_its_own_client_is_refused(memcached_server: Server) -> None:
+    """``MemcachedCache(["host:port"])`` picks pylibmc or python-memcached."""
+    pytest.importorskip("memcache")
+    cache = MemcachedCache([f"127.0.0.1:{memcached_server.port}"])
+    with pytest.raises(ValueError, match="unpickles"):
         CacheLibBackend(cache)
-        assert not caplog.records
+
+
+class _OtherMemcacheClient:
+    """Any client but pymemcache, python-memcached or pylibmc."""
+
+
+def test_other_memcached_clients_are_refused() -> None:
+    cache = cache_from_url("memcached://127.0.0.1:11211")
+    CacheLibBackend(cache)
+    with pytest.raises(ValueError, match=r"_OtherMemcacheClient.*memcached://host:port"):
         CacheLibBackend(MemcachedCache(_OtherMemcacheClient()))
-    assert "outages will look like logged-out users" in caplog.text
     close(cache)
 
 

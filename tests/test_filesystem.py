@@ -277,25 +277,28 @@ def test_torn_write_leaves_the_previous_version(
     checksum: readers get the previous version, and the next write goes on
     from it. With both slots broken, the session is missing and the next
     write starts a new file."""
+    from flask_serverside.backends import filesystem
+
     backend = FileSystemBackend(tmp_path)
     key = slot_key(6)
     backend.save(key, b"first", time.time() + 60)
-    backend.save(key, b"second", time.time() + 60)
     (path,) = record_files(str(tmp_path))
     with open(path, "rb") as f:
-        raw = f.read()
-    newest = raw.index(b"second")
+        capacity = filesystem._HEADER.unpack_from(f.read())[1]
+    # The next save, cut short: half of its data reached the disk.
+    torn = filesystem._slot(2, b"second", time.time() + 60).replace(b"second", b"SEC")
     with open(path, "r+b") as f:
-        f.seek(newest)
-        f.write(b"SEC")  # half of the new data reached the disk
+        f.seek(filesystem._slot_offset(1, capacity))
+        f.write(torn)
     assert backend.load(key).data == b"first"  # type: ignore[union-attr]
     backend.save(key, b"third", time.time() + 60)
     assert backend.load(key).data == b"third"  # type: ignore[union-attr]
+    with open(path, "rb") as f:
+        raw = f.read()
+    assert b"first" not in raw and b"SEC" not in raw
     with open(path, "r+b") as f:
-        f.seek(raw.index(b"first"))
+        f.seek(raw.index(b"third"))
         f.write(b"XXXXX")
-        f.seek(raw.index(b"second") - 5)
-        f.write(b"YYYYYYYYYYYYY")
     with caplog.at_level(logging.WARNING, "flask_serverside"):
         assert backend.load(key) is None
     assert "not a valid record" in caplog.text
@@ -337,7 +340,7 @@ def test_readers_never_see_a_write_in_progress(tmp_path: t.Any) -> None:
 def test_touch_writes_the_other_slot(tmp_path: t.Any) -> None:
     """A touch keeps the data and moves the expiry, in the slot that does
     not hold the newest version: the version it touched stays whole until
-    the touch is."""
+    the touch is, then is wiped."""
     backend = FileSystemBackend(tmp_path)
     key = slot_key(8)
     backend.save(key, b"data", time.time() + 60)
@@ -347,7 +350,71 @@ def test_touch_writes_the_other_slot(tmp_path: t.Any) -> None:
     backend.touch(key, time.time() + 600)
     with open(path, "rb") as f:
         after = f.read()
-    assert len(after) == len(before) and after.count(b"data") == 2
+    assert len(after) == len(before) and after.count(b"data") == 1
+    assert after.index(b"data") != before.index(b"data")
     record = backend.load(key)
     assert record is not None and record.data == b"data"
     assert record.expires == pytest.approx(time.time() + 600, abs=5)
+
+
+# Removed data does not stay on disk
+
+
+def raw_record(directory: t.Any) -> bytes:
+    (path,) = record_files(str(directory))
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_a_popped_secret_is_not_left_in_the_file(app: Flask, tmp_path: t.Any) -> None:
+    """A value removed from the session (a reset token) is gone from the
+    record file once the save that removed it completes."""
+    client = app.test_client()
+    start_session(client, user="alice", token="reset-6f1c0ffee")
+    client.get("/delete/token")
+    raw = raw_record(tmp_path / "sessions")
+    assert b"alice" in raw
+    assert b"reset-6f1c0ffee" not in raw
+    client.get("/nothing")  # a read-only request
+    assert b"reset-6f1c0ffee" not in raw_record(tmp_path / "sessions")
+
+
+def test_no_earlier_version_remains_in_either_slot(tmp_path: t.Any) -> None:
+    """Neither the previous version nor the tail of an older, longer one
+    survives a save or a touch."""
+    backend = FileSystemBackend(tmp_path)
+    key = slot_key(9)
+    backend.save(key, b"a" * 10 + b"SECRET-ONE", time.time() + 60)
+    backend.save(key, b"second", time.time() + 60)
+    assert b"SECRET-ONE" not in raw_record(tmp_path)
+    backend.save(key, b"SECRET-TWO" + b"b" * 30, time.time() + 60)
+    backend.save(key, b"third", time.time() + 60)
+    backend.touch(key, time.time() + 600)
+    raw = raw_record(tmp_path)
+    assert b"SECRET" not in raw and raw.count(b"third") == 1
+    assert b"b" * 10 not in raw and b"a" * 10 not in raw
+    record = backend.load(key)
+    assert record is not None and record.data == b"third"
+
+
+def test_a_file_left_with_an_older_tail_is_cleaned_by_the_next_save(tmp_path: t.Any) -> None:
+    """A file written before this fix, or by a writer killed between its
+    two writes, may hold an older version in the slot a save fills, past
+    the new data's end: the save overwrites it too."""
+    from flask_serverside.backends import filesystem
+
+    backend = FileSystemBackend(tmp_path)
+    key = slot_key(10)
+    backend.save(key, b"current", time.time() + 60)
+    (path,) = record_files(str(tmp_path))
+    with open(path, "rb") as f:
+        capacity = filesystem._HEADER.unpack_from(f.read())[1]
+    # Slot 1 (the older one) holds an old version: the next save fills it.
+    old = filesystem._slot(0, b"x" * 20 + b"OLD-SECRET", time.time() + 60)
+    with open(path, "r+b") as f:
+        f.seek(filesystem._slot_offset(1, capacity))
+        f.write(old)
+    backend.save(key, b"new", time.time() + 60)
+    raw = raw_record(tmp_path)
+    assert b"OLD-SECRET" not in raw and b"current" not in raw
+    assert backend.load(key).data == b"new"  # type: ignore[union-attr]

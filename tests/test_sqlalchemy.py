@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pathlib
 import stat
@@ -46,6 +47,15 @@ for _ in range(int(sys.argv[3])):
         time.sleep(0.001)
         backend.save("counter", str(value + 1).encode(), time.time() + 60)
 """
+
+
+def storage_key(prefix: str, name: str) -> str:
+    """A storage key as the layer above builds it."""
+    return prefix + hashlib.sha256(name.encode()).hexdigest()
+
+
+KEY_A = storage_key("session:", "a")
+KEY_B = storage_key("session:", "b")
 
 
 def unique_table() -> str:
@@ -140,7 +150,7 @@ def test_expiry_is_a_utc_datetime_column(backend: SQLAlchemyBackend) -> None:
 
 def test_expired_rows_are_invisible(backend: SQLAlchemyBackend) -> None:
     backend.save("session:old", b"x", time.time() - 1)
-    backend.save("session:new", b"y", later())
+    backend.save(KEY_A, b"y", later())
 
     assert backend.load("session:old") is None
     assert backend.count(time.time()) == 1
@@ -163,21 +173,52 @@ def test_portable_save_without_upsert(
     assert backend.load("session:a") == (b"two", pytest.approx(later(), abs=5))
 
 
-def test_count_and_clear_keep_to_the_prefix(backend: SQLAlchemyBackend) -> None:
-    backend.save("a_:1", b"x", later())
-    backend.save("a_:2", b"x", time.time() - 1)
-    backend.save("ab:1", b"x", later())  # "_" must not act as a wildcard
-    backend.configure("a_:")
+#: Prefixes of apps sharing one table; "_" and "%" must not act as wildcards,
+#: and one prefix starting another must not make its rows ours.
+SHARED_PREFIXES = ["app:", "app:admin:", "a_%:", "ab%:", "a_x:", "APP:"]
 
-    assert backend.count(time.time()) == 1
-    assert sum(backend.cleanup(time.time())) == 1
-    assert backend.clear() == 1
-    assert backend.load("ab:1") is not None
+
+@pytest.mark.parametrize("prefix", SHARED_PREFIXES)
+def test_count_clear_cleanup_keep_to_the_prefix(
+    url: str, make_backend: t.Callable[..., SQLAlchemyBackend], prefix: str
+) -> None:
+    """Apps sharing a table each see, expire and clear only their own
+    rows: exactly their prefix followed by 64 lowercase hex digits."""
+    first = make_backend(url=url)
+    apps: dict[str, SQLAlchemyBackend] = {}
+
+    for other in SHARED_PREFIXES:
+        app = make_backend(engine=first.engine, table=first.table.name)
+        app.configure(other)
+        apps[other] = app
+        for name in ("live", "also live"):
+            app.save(storage_key(other, f"{other}{name}"), b"x", later())
+        app.save(storage_key(other, f"{other}expired"), b"x", time.time() - 1)
+
+    ours = apps[prefix]
+    # Not records of any app: no hex digest, upper case, too long or short.
+    digest = hashlib.sha256(b"stray").hexdigest()
+    strays = [f"{prefix}stray", prefix + digest.upper(), prefix + digest + "0", prefix + digest[1:]]
+    for stray in strays:
+        ours.save(stray, b"x", later())
+    now = time.time()
+
+    assert ours.count(now) == 2
+    assert sum(ours.cleanup(now)) == 1
+    assert ours.clear() == 2
+    assert ours.count(now) == 0
+    for other, app in apps.items():
+        if other != prefix:
+            assert app.count(now) == 2, other
+            assert app.load(storage_key(other, f"{other}expired")) is None
+            assert sum(app.cleanup(now)) == 1, other
+    assert ours.load(f"{prefix}stray") is not None
+    assert ours.load(prefix + digest.upper()) is not None
 
 
 def test_cleanup_in_batches(backend: SQLAlchemyBackend) -> None:
     now = time.time()
-    backend.save("session:live", b"x", later())
+    backend.save(storage_key("session:", "live"), b"x", later())
     past = sql_module._datetime(now - 10)
     rows = [{"id": f"session:{i:064x}", "data": b"x", "expires": past} for i in range(20_000)]
 
@@ -468,20 +509,20 @@ def test_restart_between_requests_costs_no_failure(
     else:
         backend = make_backend(engine=sa.create_engine(url))
 
-    backend.save("session:a", b"kept", later())
+    backend.save(KEY_A, b"kept", later())
     calls: list[t.Callable[[], object]] = [
-        lambda: backend.load("session:a"),
-        lambda: backend.replace("session:a", b"kept", b"kept", later()),
-        lambda: backend.save("session:b", b"b", later()),
-        lambda: backend.touch("session:a", later(120)),
+        lambda: backend.load(KEY_A),
+        lambda: backend.replace(KEY_A, b"kept", b"kept", later()),
+        lambda: backend.save(KEY_B, b"b", later()),
+        lambda: backend.touch(KEY_A, later(120)),
         lambda: backend.count(time.time()),
     ]
 
     def locked_write() -> None:
-        with backend.lock("session:a"):
-            record = backend.load("session:a")
+        with backend.lock(KEY_A):
+            record = backend.load(KEY_A)
             assert record is not None and record.data == b"kept"
-            backend.save("session:a", b"kept", later())
+            backend.save(KEY_A, b"kept", later())
 
     calls.append(locked_write)
 
@@ -491,7 +532,7 @@ def test_restart_between_requests_costs_no_failure(
         stoppable_postgres.start_again()
         call()
 
-    assert backend.load("session:a") == (b"kept", pytest.approx(later(), abs=5))
+    assert backend.load(KEY_A) == (b"kept", pytest.approx(later(), abs=5))
     assert backend.count(time.time()) == 2
 
 

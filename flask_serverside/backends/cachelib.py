@@ -514,6 +514,28 @@ class _MemcachedStore(_Store):
                 client.cas(name, b"", cas, -1, noreply=False)
 
 
+def _refuse_other_memcached_client(client: t.Any) -> None:
+    """Refuse a Memcached client other than pymemcache's.
+
+    python-memcached and pylibmc (which ``MemcachedCache(["host:port"])``
+    picks when installed) unpickle any value stored with their pickle flag,
+    and report an outage as a missing key.
+    """
+    cls = type(client)
+    if cls.__module__.partition(".")[0] == "pymemcache":
+        return
+    raise ValueError(
+        "SESSION_CACHELIB is a MemcachedCache on"
+        f" {cls.__module__}.{cls.__qualname__}; only pymemcache clients are"
+        " accepted. A python-memcached or pylibmc client (MemcachedCache(['host:port'])"
+        " picks one when installed) unpickles any value stored with its pickle flag:"
+        " a value planted in Memcached under a session key would run code in the app."
+        " Use a memcached://host:port URL, or a MemcachedCache built on a"
+        " pymemcache client without a pickling serde, such as"
+        " MemcachedCache(pymemcache.PooledClient(('host', 11211)))."
+    )
+
+
 def _refuse_unpickling_client(client: t.Any) -> None:
     """Refuse a pymemcache client whose serde unpickles: it would run any
     pickle planted in Memcached under a session key with the pickle flag."""
@@ -578,10 +600,6 @@ class _CacheStore(_Store):
             self.cache.delete(lock_key)
 
 
-class _LegacyMemcachedStore(_CacheStore):
-    unlisted = _MemcachedStore.unlisted
-
-
 class _SimpleStore(_CacheStore):
     """A :class:`~cachelib.SimpleCache`, whose keys live in a dict.
 
@@ -639,11 +657,17 @@ class CacheLibBackend(Backend):
     :meth:`count` and :meth:`clear` work on Redis and
     :class:`~cachelib.SimpleCache` only.
 
-    A :class:`~cachelib.MemcachedCache` on python-memcached or pylibmc works,
-    but those clients answer "missing" when the server is down, which logs
-    users out instead of failing the request: a warning says so.
+    A :class:`~cachelib.MemcachedCache` must be built on pymemcache without
+    a pickling ``serde``: python-memcached and pylibmc unpickle what they
+    read, so they are refused with a :exc:`ValueError`.
 
     :param cache: The cache.
+    :raises ValueError: ``cache`` is a :class:`~cachelib.MemcachedCache`
+        whose client unpickles.
+
+    .. versionchanged:: 0.2
+        A :class:`~cachelib.MemcachedCache` on python-memcached or pylibmc
+        is refused; it was accepted with a warning.
 
     .. versionadded:: 0.1
     """
@@ -680,15 +704,8 @@ class CacheLibBackend(Backend):
         if redis_client is not None:
             return _RedisStore(cache, redis_client)
         if isinstance(cache, MemcachedCache):
-            if type(cache._client).__module__.startswith("pymemcache."):
-                return _MemcachedStore(cache)
-            log.warning(
-                "The session cache is a MemcachedCache on %s, which reports a"
-                " Memcached outage as a missing key: outages will look like"
-                " logged-out users. Use memcached:// or a pymemcache client.",
-                type(cache._client).__module__,
-            )
-            return _LegacyMemcachedStore(cache, self.lock)
+            _refuse_other_memcached_client(cache._client)
+            return _MemcachedStore(cache)
         if isinstance(cache, SimpleCache):
             return _SimpleStore(cache, self.lock)
         return _CacheStore(cache, self.lock)

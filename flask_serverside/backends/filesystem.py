@@ -36,6 +36,9 @@ _LOCK_NAME = ".lock"
 _TMP_PREFIX = ".tmp-"
 #: The longest file name most file systems allow (ext4, XFS, tmpfs, APFS).
 _NAME_MAX = 255
+#: Reads of a record file before it counts as broken: a read that
+#: overlaps a write may see neither slot whole.
+_READS = 4
 #: A temporary file older than this was left by a crashed writer.
 STALE_TMP_SECONDS = 3600
 
@@ -45,10 +48,11 @@ class FileSystemBackend(Backend):
 
     A record file holds two slots. A write (a touch too) fills the slot
     that does not hold the newest version, in place, with a generation
-    number, the expiry, the data and a checksum; a reader takes the newest
-    slot whose checksum holds. So a
-    crash in the middle of a write, a power loss included, leaves the
-    previous version readable, and a write costs no rename (which ext4
+    number, the expiry, the data and a checksum, then zeroes the slot of the
+    version it replaced, so that data removed from a session does not stay
+    on disk; a reader takes the newest slot whose checksum holds. So a
+    crash of the process in the middle of a write leaves the previous
+    version readable, and a write costs no rename (which ext4
     makes wait for the data's writeback when it replaces a file). A new
     record, or one whose data outgrew its slots, is written to a temporary
     file that :func:`os.replace` moves into place.
@@ -101,9 +105,9 @@ class FileSystemBackend(Backend):
         return f"{self.directory}/{key[-2:]}/{name}"
 
     def load(self, key: str) -> Record | None:
-        # A second read if no slot held: a reader can catch the slot being
-        # written, and, in theory, the other one too by the next write.
-        for _ in range(2):
+        # Reads again if no slot held: a reader can catch the slot being
+        # written, then the other one being wiped once it is whole.
+        for _ in range(_READS):
             try:
                 with open(self._path(key), "rb") as f:
                     raw = f.read()
@@ -309,7 +313,8 @@ def _write_slot(path: str, data: bytes | None, expires: float) -> bool:
     except FileNotFoundError:
         return False
     try:
-        found = _newest(os.pread(fd, os.fstat(fd).st_size, 0))
+        raw = os.pread(fd, os.fstat(fd).st_size, 0)
+        found = _newest(raw)
         if found is None:
             return False
         capacity, newest = found
@@ -317,10 +322,29 @@ def _write_slot(path: str, data: bytes | None, expires: float) -> bool:
         if len(data) > capacity:
             return False
         slot = _slot(newest.generation + 1, data, expires)
-        _pwrite_all(fd, slot, _slot_offset(1 - newest.position, capacity))
+        _write_then_wipe(fd, raw, slot, capacity, newest.position)
     finally:
         os.close(fd)
     return True
+
+
+def _write_then_wipe(fd: int, raw: bytes, slot: bytes, capacity: int, newest: int) -> None:
+    """Write ``slot`` into the slot other than ``newest``, then zero
+    ``newest``, so that no earlier version stays readable in the file.
+
+    The new slot is written over all the bytes an older version left in it,
+    past its own end too. The wipe comes only once the new slot is whole: a
+    crash before it leaves both versions, during it the new one.
+    """
+    target = _slot_offset(1 - newest, capacity)
+    _pwrite_all(fd, slot.ljust(_used(raw, target, capacity), b"\0"), target)
+    start = _slot_offset(newest, capacity)
+    _pwrite_all(fd, bytes(_used(raw, start, capacity)), start)
+
+
+def _used(raw: bytes, start: int, capacity: int) -> int:
+    """How many bytes of the slot at ``start`` are not zero, up to the last."""
+    return len(raw[start : start + _SLOT.size + capacity].rstrip(b"\0"))
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

@@ -39,6 +39,9 @@ _LOCK_TIMEOUT = 10
 #: included): under 100 ms in a table of 10^6 rows, even on a busy machine.
 _CLEANUP_BATCH = 500
 
+#: Hex digits after the prefix in a session's key: a SHA-256.
+_DIGEST_LENGTH = 64
+
 #: The single-statement upsert of each database that has one; others update,
 #: then insert if no row was updated.
 _UPSERTS: dict[str, t.Callable[[sa.Table], postgresql.Insert | sqlite.Insert]] = {
@@ -288,7 +291,7 @@ class SQLAlchemyBackend(Backend):
         self.create_table = create_table
         #: Whether the engine is ours, built by :func:`_create_engine`.
         self._own_engine = url is not None
-        self._prefix = ""
+        self._prefix = "session:"
         self._statements: _Statements | None = None
         self._ready_lock = threading.Lock()
         self._section = _Section()
@@ -669,11 +672,30 @@ class SQLAlchemyBackend(Backend):
             conn.execute(sql.row_lock, {"key": key})
 
     def _own_rows(self) -> sa.ColumnElement[bool]:
-        """Select the rows under this backend's key prefix."""
-        if not self._prefix:
-            return sa.true()
+        """Select this backend's rows: the key prefix followed by exactly 64
+        lowercase hex digits, as the extension builds keys.
 
-        return self.table.c.id.startswith(self._prefix, autoescape=True)
+        ``LIKE`` narrows the search (with ``%`` and ``_`` escaped), but it
+        ignores case on SQLite, so the prefix is compared again exactly; a
+        longer prefix that starts with this one (``app:admin:`` after
+        ``app:``) gives longer keys. The digits are checked with ``GLOB`` on
+        SQLite and a regular expression on PostgreSQL; on other dialects
+        only their number is.
+        """
+        column = self.table.c.id
+        start = len(self._prefix)
+        tail = sa.func.substr(column, start + 1)
+        conditions = [
+            column.startswith(self._prefix, autoescape=True),
+            sa.func.substr(column, 1, start) == self._prefix,
+            sa.func.length(column) == start + _DIGEST_LENGTH,
+        ]
+        dialect = self.engine.dialect.name
+        if dialect == "sqlite":
+            conditions.append(tail.op("GLOB")("[0-9a-f]" * _DIGEST_LENGTH))
+        elif dialect == "postgresql":
+            conditions.append(tail.regexp_match(f"^[0-9a-f]{{{_DIGEST_LENGTH}}}$"))
+        return sa.and_(*conditions)
 
     def _start(self) -> None:
         """On first use: create or check the table, build the statements."""
