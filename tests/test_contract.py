@@ -682,7 +682,7 @@ class TestConcurrency:
         regenerated or destroyed it sends no ``Set-Cookie`` once it has held
         its copy longer than the confirmation bound."""
         bound = 0.05
-        monkeypatch.setattr(store_module, "CONFIRM_AFTER", bound, raising=False)
+        monkeypatch.setattr(store_module, "CONFIRM_AFTER", bound)
         barrier, gate = threading.Barrier(2), threading.Event()
 
         @app.get("/slow-get")
