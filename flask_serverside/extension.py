@@ -387,4 +387,10 @@ def _on_login(sender: Flask, **kwargs: t.Any) -> None:
 
 
 def _on_logout(sender: Flask, **kwargs: t.Any) -> None:
+    # logout_user sets "_remember" to "clear" before sending the signal;
+    # Flask-Login's after-request hook pops it from the fresh session and
+    # deletes the remember cookie, so nothing is stored.
+    remember = session.get("_remember")
     session.destroy()  # type: ignore[attr-defined]
+    if remember is not None:
+        session["_remember"] = remember

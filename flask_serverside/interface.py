@@ -158,7 +158,7 @@ class ServerSideSessionInterface(SessionInterface):
         response.delete_cookie(self.get_cookie_name(app), **self._cookie_options(app))
 
     def _send_signals(self, app: Flask, session: ServerSideSession, outcome: Outcome) -> None:
-        if session.destroyed_sid is not None:
+        if session.destroyed_sid is not None and session.destroy_removed:
             signals.session_destroyed.send(app, sid=session.destroyed_sid)
         if outcome is not Outcome.CREATED:
             return

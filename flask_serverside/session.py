@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import typing as t
 from collections.abc import Iterator
 
@@ -42,6 +43,10 @@ class ServerSideSession(SessionMixin):
         self.regenerated_from: str | None = None
         #: The stored ID whose record :meth:`destroy` removes.
         self.destroyed_sid: str | None = None
+        #: Whether saving found and removed the record of :attr:`destroyed_sid`.
+        self.destroy_removed = False
+        #: When the data was read from the store (:func:`time.monotonic`).
+        self.loaded_at = 0.0
         self.new = sid is None
         self.modified = False
         self.accessed = False
@@ -76,6 +81,7 @@ class ServerSideSession(SessionMixin):
     def _load(self) -> dict[str, t.Any]:
         if self._sid is None or self.new:
             return {}
+        self.loaded_at = time.monotonic()
         try:
             self.stored = self._store.load(self._sid)
         except Exception:

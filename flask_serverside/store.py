@@ -30,6 +30,14 @@ if t.TYPE_CHECKING:
 logger = logging.getLogger("flask_serverside")
 T = t.TypeVar("T")
 
+#: Seconds a request may hold its loaded copy of an unmodified session
+#: before its save confirms that the record still exists: a slow request
+#: confirms its record still exists before re-sending the cookie, so that it
+#: does not put back the cookie of a session another request regenerated or
+#: destroyed meanwhile. Faster requests refresh the cookie without asking the
+#: store, unless ``SESSION_TOUCH_INTERVAL`` is due.
+CONFIRM_AFTER = 1.0
+
 
 @dataclass
 class Loaded:
@@ -63,7 +71,9 @@ class Outcome(enum.Enum):
     WRITTEN = "written"
     #: The merged session was empty, so its record was removed.
     EMPTIED = "emptied"
-    #: Another request destroyed or regenerated the session; changes dropped.
+    #: The record was gone by the time of the save: another request destroyed
+    #: or regenerated the session, or it expired. Changes are dropped and no
+    #: cookie is sent.
     DROPPED = "dropped"
 
 
@@ -189,7 +199,7 @@ class SessionStore:
         """
         with self._guard("saving"):
             if session.destroyed_sid is not None:
-                self._delete(self.key(session.destroyed_sid))
+                session.destroy_removed = self._delete(self.key(session.destroyed_sid))
             if session.stored is None:
                 return self._create(session, lifetime)
             raw = self.serializer.dumps(session.data)
@@ -207,9 +217,15 @@ class SessionStore:
         return Outcome.CREATED
 
     def _touch(self, session: ServerSideSession, stored: Loaded, lifetime: float) -> Outcome:
+        """Extend an unmodified session's record when the touch interval is
+        due, or when the request held its copy for over :data:`CONFIRM_AFTER`
+        seconds; a record found gone (destroyed, regenerated or expired
+        meanwhile) is :attr:`Outcome.DROPPED`."""
         now = time.time()
-        if now - (stored.expires - lifetime) >= min(self.touch_interval, lifetime / 2):
-            self.backend.touch(self.key(session.sid), now + lifetime)
+        due = now - (stored.expires - lifetime) >= min(self.touch_interval, lifetime / 2)
+        slow = time.monotonic() - session.loaded_at > CONFIRM_AFTER
+        if (due or slow) and not self.backend.touch(self.key(session.sid), now + lifetime):
+            return Outcome.DROPPED
         return Outcome.KEPT
 
     def _write(
@@ -228,7 +244,8 @@ class SessionStore:
             now = time.time()
             record = self.backend.load(key)
             data, meta = session.data, stored.meta
-            if record is None or record.data != stored.stored:
+            # An expired record is gone: merging finds nothing to write into.
+            if record is None or record.data != stored.stored or record.expires <= now:
                 current = self._decode(record, now)
                 merged = self._merge(session, current)
                 if current is None or merged is None:
@@ -269,8 +286,8 @@ class SessionStore:
         or ``None`` if that request destroyed or regenerated the session."""
         if current is None:
             logger.info(
-                "Dropping this request's session changes: another request"
-                " destroyed or regenerated the session meanwhile."
+                "Dropping this request's session changes: the session expired,"
+                " or another request destroyed or regenerated it, meanwhile."
             )
             return None
         if session.cleared:

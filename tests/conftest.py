@@ -88,9 +88,9 @@ class CountingBackend(DelegatingBackend):
         self._note("replace", key)
         return super().replace(key, expected, data, expires)
 
-    def touch(self, key: str, expires: float) -> None:
+    def touch(self, key: str, expires: float) -> bool:
         self._note("touch", key)
-        super().touch(key, expires)
+        return super().touch(key, expires)
 
     def delete(self, key: str) -> bool:
         self._note("delete", key)

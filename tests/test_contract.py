@@ -23,6 +23,7 @@ from werkzeug.http import parse_cookie
 from flask_serverside import ids
 from flask_serverside import SessionTooLarge
 from flask_serverside import signals
+from flask_serverside import store as store_module
 from flask_serverside.backends import Backend
 from tests.conftest import build_app
 
@@ -316,6 +317,18 @@ class TestContract:
         assert stored(app, sid) is None
         assert ("destroyed", {"sid": sid}) in recorded
 
+    def test_destroying_an_unknown_id_sends_no_signal(
+        self, app: Flask, client: FlaskClient, recorded: list[t.Any]
+    ) -> None:
+        made_up = ids.generate(32)
+        client.set_cookie("session", made_up)
+        response = client.get("/destroy")
+        assert session_cookie(response) == ""
+        assert recorded == []
+        sid = start_session(client, a="1")
+        client.get("/destroy")
+        assert recorded[-1] == ("destroyed", {"sid": sid})
+
     def test_emptied_session_removes_record_and_cookie(
         self, app: Flask, client: FlaskClient
     ) -> None:
@@ -375,6 +388,37 @@ class TestContract:
         assert client.get("/get/a").json is None
         assert stored(app, sid) is None
         assert session_cookie(client.get("/set/b/2")) != sid
+
+    @pytest.mark.parametrize("write", [False, True], ids=["touch", "write"])
+    def test_expired_record_is_not_brought_back(
+        self, make_app: t.Callable[..., Flask], write: bool
+    ) -> None:
+        """A request that loaded the session just before it expired neither
+        extends nor rewrites it afterwards."""
+        app = make_app(PERMANENT_SESSION_LIFETIME=datetime.timedelta(seconds=0.5))
+        loaded: list[float] = []
+
+        @app.get("/outlive")
+        def outlive() -> str:
+            session.get("a")
+            expires = session.stored.expires  # type: ignore[attr-defined]
+            loaded.append(expires)
+            while time.time() <= expires:  # hold the request until it expired
+                time.sleep(0.02)
+            if write:
+                session["b"] = "2"
+            return "ok"
+
+        client = app.test_client()
+        sid = start_session(client, a="1")
+        response = client.get("/outlive")
+        assert response.status_code == 200
+        assert session_cookie(response) != sid
+        with app.app_context():
+            store = app.session_interface.store  # type: ignore[attr-defined]
+            record = app.backend.inner.load(store.key(sid))  # type: ignore[attr-defined]
+        assert record is None or record.expires <= loaded[0]
+        assert stored(app, sid) is None
 
     def test_lifetime_applies_to_non_permanent_sessions(
         self, make_app: t.Callable[..., Flask]
@@ -549,6 +593,35 @@ class TestReplace:
         assert record is not None and record.data == b"section"
 
 
+class TestTouch:
+    """:meth:`.Backend.touch` extends a live record and says so; it never
+    creates a record, nor brings back an expired one."""
+
+    @pytest.fixture
+    def backend(self, app: Flask) -> Backend:
+        return t.cast(Backend, app.backend.inner)  # type: ignore[attr-defined]
+
+    @pytest.fixture
+    def key(self, app: Flask) -> str:
+        return t.cast(str, app.session_interface.store.key(ids.generate(32)))  # type: ignore[attr-defined]
+
+    def test_extends_a_live_record(self, backend: Backend, key: str) -> None:
+        backend.save(key, b"data", time.time() + 60)
+        assert backend.touch(key, time.time() + 120) is True
+        record = backend.load(key)
+        assert record is not None and record.data == b"data"
+        assert record.expires > time.time() + 100
+
+    def test_refuses_a_missing_or_expired_record(self, backend: Backend, key: str) -> None:
+        assert backend.touch(key, time.time() + 60) is False
+        assert backend.load(key) is None
+        backend.save(key, b"data", time.time() - 1)
+        time.sleep(0.01)  # native TTLs are at least a millisecond
+        assert backend.touch(key, time.time() + 60) is False
+        record = backend.load(key)
+        assert record is None or record.expires < time.time()
+
+
 class TestConcurrency:
     """Overlapping requests on one session, really coinciding."""
 
@@ -621,6 +694,44 @@ class TestConcurrency:
         if action == "regenerate":
             new = session_cookie(fast)
             assert new and stored(app, new) == {"a": "0"}
+
+    @pytest.mark.parametrize("action", ["regenerate", "destroy"])
+    def test_slow_reader_keeps_the_other_tabs_cookie(
+        self, app: Flask, action: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A read-only request that loaded the session before another one
+        regenerated or destroyed it sends no ``Set-Cookie`` once it has held
+        its copy longer than the confirmation bound."""
+        bound = 0.05
+        monkeypatch.setattr(store_module, "CONFIRM_AFTER", bound)
+        barrier, gate = threading.Barrier(2), threading.Event()
+
+        @app.get("/slow-get")
+        def slow_get() -> str:
+            value = session.get("a")
+            barrier.wait(timeout=10)
+            gate.wait(timeout=10)
+            time.sleep(bound * 2)  # past the bound, however fast the rest ran
+            return str(value)
+
+        client = app.test_client()
+        sid = start_session(client, a="0")
+        responses: list[t.Any] = []
+        slow = threading.Thread(target=lambda: responses.append(client.get("/slow-get")))
+        slow.start()
+        barrier.wait(timeout=10)
+        fast = client.get(f"/{action}")
+        gate.set()
+        slow.join(20)
+        assert responses[0].text == "0"
+        assert "Set-Cookie" not in responses[0].headers
+        assert stored(app, sid) is None
+        if action == "regenerate":
+            new = session_cookie(fast)
+            assert new and new != sid and cookie_sid(client) == new
+            assert stored(app, new) == {"a": "0"}
+        else:
+            assert client.get_cookie("session") is None
 
     def test_separate_processes_keep_both(
         self, backend_name: str, backend_config: dict[str, t.Any], tmp_path: t.Any

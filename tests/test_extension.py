@@ -6,6 +6,7 @@ import typing as t
 
 import pytest
 from flask import Flask
+from flask import request
 from flask import session
 
 from flask_serverside import ServerSide
@@ -13,6 +14,7 @@ from flask_serverside import ServerSideSessionInterface
 from flask_serverside import signals
 from tests.conftest import add_routes
 from tests.test_contract import session_cookie
+from tests.test_contract import set_cookies
 
 
 def make(tmp_path: t.Any, **config: t.Any) -> Flask:
@@ -157,8 +159,15 @@ def test_signing_without_secret_key_says_what_to_do(tmp_path: t.Any) -> None:
 
 
 class TestFlaskLogin:
+    """With the real Flask-Login, on every store."""
+
+    @pytest.fixture(autouse=True)
+    def _store(self, backend_config: dict[str, t.Any]) -> None:
+        self.backend_config = backend_config
+
     def make_app(self, tmp_path: t.Any, **config: t.Any) -> Flask:
         flask_login = pytest.importorskip("flask_login")
+        config = {**self.backend_config, **config}
 
         class User(flask_login.UserMixin):  # type: ignore[name-defined, misc]
             id = "7"
@@ -171,7 +180,7 @@ class TestFlaskLogin:
         @app.get("/login")
         def login() -> str:
             session["cart"] = ["apple"]
-            flask_login.login_user(User())
+            flask_login.login_user(User(), remember="remember" in request.args)
             return "in"
 
         @app.get("/logout")
@@ -202,6 +211,17 @@ class TestFlaskLogin:
         assert session_cookie(response) == ""
         with app.app_context():
             assert app.extensions["serverside"].get(after) is None
+        assert client.get("/me").text == "anonymous"
+
+    def test_logout_forgets_remember_me(self, tmp_path: t.Any) -> None:
+        app = self.make_app(tmp_path)
+        client = app.test_client()
+        client.get("/login?remember")
+        assert client.get_cookie("remember_token") is not None
+        response = client.get("/logout")
+        assert session_cookie(response) == ""
+        assert "Max-Age=0" in set_cookies(response)["remember_token"]
+        assert client.get_cookie("remember_token") is None
         assert client.get("/me").text == "anonymous"
 
     def test_protection_can_be_turned_off(self, tmp_path: t.Any) -> None:

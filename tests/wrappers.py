@@ -28,8 +28,8 @@ class DelegatingBackend(Backend):
     def replace(self, key: str, expected: bytes, data: bytes, expires: float) -> bool:
         return self.inner.replace(key, expected, data, expires)
 
-    def touch(self, key: str, expires: float) -> None:
-        self.inner.touch(key, expires)
+    def touch(self, key: str, expires: float) -> bool:
+        return self.inner.touch(key, expires)
 
     def delete(self, key: str) -> bool:
         return self.inner.delete(key)

@@ -75,8 +75,16 @@ class Backend(ABC):
         return False
 
     @abstractmethod
-    def touch(self, key: str, expires: float) -> None:
-        """Move the expiry of an existing record; never create one."""
+    def touch(self, key: str, expires: float) -> bool:
+        """Move the expiry of a live record; return whether there was one.
+
+        It never creates a record, nor extends one that has expired: the
+        check of the stored expiry and the write are one atomic step (or
+        happen inside :meth:`lock`), so an expired record stays expired.
+
+        .. versionchanged:: 0.2
+            Returns whether a live record was extended.
+        """
 
     @abstractmethod
     def delete(self, key: str) -> bool:

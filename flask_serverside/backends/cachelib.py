@@ -227,8 +227,9 @@ class _Store(ABC):
         return False
 
     @abstractmethod
-    def touch(self, key: str, expires: float) -> None:
-        """Move the expiry of an existing record; never create one."""
+    def touch(self, key: str, expires: float) -> bool:
+        """:meth:`.Backend.touch`: extend a live record, say whether there
+        was one."""
 
     @abstractmethod
     def delete(self, key: str) -> bool:
@@ -259,11 +260,23 @@ class _RedisStore(_Store):
     A load is one ``GET``. A touch rewrites the header and the TTL in one
     script, which never creates a record; the scripts compare payloads
     only, so a touch does not make an overlapping write take the lock.
+    Both scripts also check the expiry in the header against the server's
+    clock: the TTL, counted from when the record arrived, may outlive it by
+    a few milliseconds.
     """
 
+    #: Lua: whether the record ``value`` has expired by the server's clock.
+    _EXPIRED = (
+        " local function expired(value)"
+        " local now = redis.call('time')"
+        " local ms = now[1] * 1000 + math.floor(now[2] / 1000)"
+        f" return struct.unpack('>d', value, {len(_MARK) + 1}) * 1000 <= ms end"
+    )
+
     _TOUCH = (
-        "local value = redis.call('get', KEYS[1])"
+        _EXPIRED + " local value = redis.call('get', KEYS[1])"
         f" if not value or string.sub(value, 1, {len(_MARK)}) ~= ARGV[3] then return 0 end"
+        " if expired(value) then return 0 end"
         f" redis.call('set', KEYS[1], ARGV[1] .. string.sub(value, {_HEADER.size + 1}),"
         " 'PX', ARGV[2]) return 1"
     )
@@ -274,15 +287,16 @@ class _RedisStore(_Store):
     )
 
     #: Writes ARGV[2] with a TTL of ARGV[3] ms if the SHA-1 of the record's
-    #: payload is still ARGV[1], nobody holds the lock key, and the server's
-    #: clock has not passed ARGV[4] (Unix ms).
+    #: payload is still ARGV[1], the record has not expired, nobody holds the
+    #: lock key, and the server's clock has not passed ARGV[4] (Unix ms).
     _REPLACE = (
-        "local now = redis.call('time')"
+        _EXPIRED + " local now = redis.call('time')"
         " if now[1] * 1000 + math.floor(now[2] / 1000) > tonumber(ARGV[4]) then return 0 end"
         " if redis.call('exists', KEYS[2]) == 1 then return 0 end"
         " local value = redis.call('get', KEYS[1])"
         " if not value or redis.sha1hex(string.sub(value, "
         f"{_HEADER.size + 1})) ~= ARGV[1] then return 0 end"
+        " if expired(value) then return 0 end"
         " redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1"
     )
 
@@ -333,9 +347,12 @@ class _RedisStore(_Store):
         args = [digest, _pack(data, expires), _ttl_ms(expires), deadline]
         return bool(self._replace(keys=keys, args=args))
 
-    def touch(self, key: str, expires: float) -> None:
+    def touch(self, key: str, expires: float) -> bool:
+        # The key's TTL (in milliseconds) is its expiry: an expired record
+        # is gone, and the script never creates one.
         header = _HEADER.pack(_MARK, expires)
-        self._touch(keys=[self.prefix() + key], args=[header, _ttl_ms(expires), _MARK])
+        args = [header, _ttl_ms(expires), _MARK]
+        return bool(self._touch(keys=[self.prefix() + key], args=args))
 
     def delete(self, key: str) -> bool:
         return bool(self.client.delete(self.prefix() + key))
@@ -472,9 +489,9 @@ class _MemcachedStore(_Store):
         value, cas = found.get(name, (None, None))
         return value, cas, lock_name in found
 
-    def touch(self, key: str, expires: float) -> None:
+    def touch(self, key: str, expires: float) -> bool:
         with self._client() as client:
-            self._rewrite(client, key, expires)
+            return self._rewrite(client, key, expires)
 
     def delete(self, key: str) -> bool:
         with self._client() as client:
@@ -490,20 +507,26 @@ class _MemcachedStore(_Store):
             self._rewrite(client, lock_key.removesuffix(_LOCK_SUFFIX))
             return True
 
-    def _rewrite(self, client: t.Any, key: str, expires: float | None = None) -> None:
+    def _rewrite(self, client: t.Any, key: str, expires: float | None = None) -> bool:
         """Rewrite an existing record with ``expires`` (``None``: its own),
         with ``cas`` until no other write comes in between; never create
-        one."""
+        one. Return whether it was rewritten.
+
+        A new expiry is only given to a record whose header says it is live:
+        Memcached's own TTL is in whole seconds and outlives the record.
+        """
         name = self._name(key)
         while True:
             value, cas = client.gets(name)
             record = _unpack(value, key)
             if record is None:
-                return
+                return False
+            if expires is not None and record.expires <= time.time():
+                return False
             new_expires = record.expires if expires is None else expires
             value = _pack(record.data, new_expires)
             if client.cas(name, value, cas, _memcached_expiry(new_expires), noreply=False):
-                return
+                return True
 
     def release(self, lock_key: str, token: str) -> None:
         name = self._name(lock_key)
@@ -582,11 +605,13 @@ class _CacheStore(_Store):
         if not self.cache.set(key, _pack(data, expires), timeout=_ttl_seconds(expires)):
             raise OSError(f"{type(self.cache).__name__} did not store the record {key!r}.")
 
-    def touch(self, key: str, expires: float) -> None:
+    def touch(self, key: str, expires: float) -> bool:
         with self.lock(key):
             record = self.load(key)
-            if record is not None:
-                self.save(key, record.data, expires)
+            if record is None or record.expires <= time.time():
+                return False
+            self.save(key, record.data, expires)
+            return True
 
     def delete(self, key: str) -> bool:
         with self.lock(key):
@@ -730,8 +755,8 @@ class CacheLibBackend(Backend):
         Memcached (see :doc:`/concurrency`); ``False`` on other caches."""
         return self._store.replace(key, expected, data, expires)
 
-    def touch(self, key: str, expires: float) -> None:
-        self._store.touch(key, expires)
+    def touch(self, key: str, expires: float) -> bool:
+        return self._store.touch(key, expires)
 
     def delete(self, key: str) -> bool:
         return self._store.delete(key)

@@ -9,6 +9,7 @@ import os
 import secrets
 import struct
 import threading
+import time
 import typing as t
 import zlib
 from collections.abc import Iterator
@@ -160,9 +161,13 @@ class FileSystemBackend(Backend):
             return
         os.chmod(shard, 0o700)
 
-    def touch(self, key: str, expires: float) -> None:
+    def touch(self, key: str, expires: float) -> bool:
+        path = self._path(key)
+        # Under the shard lock no write comes between the check and the slot.
         with self._lock_shard(self._shard(key)):
-            _write_slot(self._path(key), None, expires)
+            if _read_expiry(path) <= time.time():
+                return False
+            return _write_slot(path, None, expires)
 
     def delete(self, key: str) -> bool:
         return _unlink(self._path(key))

@@ -376,11 +376,13 @@ class SQLAlchemyBackend(Backend):
     def _replace(self, conn: sa.Connection, values: dict[str, t.Any]) -> bool:
         return conn.execute(self._sql.replace, values).rowcount == 1
 
-    def touch(self, key: str, expires: float) -> None:
-        self._run(self._touch, {"key": key, "now": _now(), "new_expires": _datetime(expires)})
+    def touch(self, key: str, expires: float) -> bool:
+        """One ``UPDATE ... WHERE expires > now``: an expired row stays so."""
+        values = {"key": key, "now": _now(), "new_expires": _datetime(expires)}
+        return self._run(self._touch, values)
 
-    def _touch(self, conn: sa.Connection, values: dict[str, t.Any]) -> None:
-        conn.execute(self._sql.touch, values)
+    def _touch(self, conn: sa.Connection, values: dict[str, t.Any]) -> bool:
+        return bool(conn.execute(self._sql.touch, values).rowcount == 1)
 
     def delete(self, key: str) -> bool:
         return self._run(self._delete, key)
