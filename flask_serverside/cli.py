@@ -22,7 +22,10 @@ def _run(func: t.Callable[[], t.Any]) -> t.Any:
     """Run a store operation; exit with a one-line reason if it cannot."""
     try:
         return func()
-    except NotImplementedError as exc:
+    except (NotImplementedError, RuntimeError) as exc:
+        # RuntimeError: a setting the app needs is missing (SECRET_KEY with
+        # SESSION_SIGN_ID, the table with SESSION_SQLALCHEMY_CREATE_TABLE
+        # off); its message says which.
         raise click.ClickException(str(exc)) from exc
     except BackendUnavailable as exc:
         raise click.ClickException(
@@ -36,11 +39,13 @@ def cleanup_command() -> None:
     from .extension import _store
 
     steps = _store().cleanup()
-    removed = 0
+    # The first step runs before the bar is drawn, so that a store that
+    # cannot be used fails with its reason alone.
+    removed = _run(lambda: next(steps, 0))
     with click.progressbar(
         steps, label="Removing expired sessions", file=sys.stderr
     ) as bar:
-        removed = _run(lambda: sum(bar))
+        removed += _run(lambda: sum(bar))
     click.echo(f"Removed {removed} expired sessions.")
 
 
@@ -54,6 +59,14 @@ def count_command() -> None:
 @click.argument("sid")
 def delete_command(sid: str) -> None:
     """Revoke the session SID (the bare ID or the signed cookie value)."""
+    if _run(lambda: _ext()._sid(sid)) is None:
+        from .extension import _interface
+
+        signed = " or a cookie value signed with this app's SECRET_KEY"
+        raise click.BadParameter(
+            f"{sid!r} is not a session ID{signed if _interface().sign_id else ''}.",
+            param_hint="'SID'",
+        )
     if not _run(lambda: _ext().delete(sid)):
         click.echo("No such session.", err=True)
         sys.exit(1)
@@ -102,6 +115,7 @@ def import_flask_session_command(source: str, table: str, prefix: str, format_: 
     Records are read as msgpack or JSON; one that only pickle could read is
     skipped and counted, never unpickled.
     """
+    from .extension import _store
     from .migrate import import_sessions
     from .migrate import SourceError
 
@@ -116,6 +130,11 @@ def import_flask_session_command(source: str, table: str, prefix: str, format_: 
         f"Skipped {result.expired} expired, {result.unreadable} unreadable and"
         f" {result.present} already in this store."
     )
+    if result.too_large:
+        click.echo(
+            f"Skipped {result.too_large} sessions larger than SESSION_MAX_BYTES="
+            f"{_store().max_bytes}."
+        )
     if result.bad_id:
         click.echo(
             f"Skipped {result.bad_id} live sessions whose ID is shorter or longer"

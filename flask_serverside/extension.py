@@ -143,7 +143,14 @@ class ServerSide:
     def delete(self, sid: str) -> bool:
         """Revoke a session; return whether it existed.
 
+        A session still waiting in the store given to
+        :func:`~flask_serverside.migrate.adopt_flask_session_files` is
+        removed from there too.
+
         :param sid: The session ID, bare or as the signed cookie value.
+
+        .. versionchanged:: 0.2
+            Also removes the session from the adopted store.
         """
         key = self._sid(sid)
         return key is not None and _store().delete(key)
@@ -154,16 +161,24 @@ class ServerSide:
         return sum(_store().cleanup())
 
     def count(self) -> int:
-        """The number of live sessions.
+        """The number of live sessions, those still waiting to be adopted
+        included.
 
         :raises NotImplementedError: The store cannot list its keys.
+
+        .. versionchanged:: 0.2
+            Counts the sessions waiting to be adopted.
         """
         return _store().count()
 
     def clear(self) -> int:
-        """Remove every session; return how many there were.
+        """Remove every session, those still waiting to be adopted included;
+        return how many there were.
 
         :raises NotImplementedError: The store cannot list its keys.
+
+        .. versionchanged:: 0.2
+            Removes the sessions waiting to be adopted.
         """
         return _store().clear()
 

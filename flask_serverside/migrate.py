@@ -88,6 +88,11 @@ class ImportResult:
     #: Live, but its ID is unknown: Flask-Session's filesystem store names
     #: files by a hash of the ID, which the cookie holds.
     hashed_id: int = 0
+    #: Live, but larger than ``SESSION_MAX_BYTES`` once serialized: it
+    #: could never be saved again.
+    #:
+    #: .. versionadded:: 0.2
+    too_large: int = 0
 
 
 class _Found(t.NamedTuple):
@@ -161,6 +166,8 @@ def _copy(store: SessionStore, sid: str, data: dict[str, t.Any], expires: float)
     except Exception:
         # A value Flask-Session could store that this serializer cannot.
         return "unreadable"
+    if len(raw) > store.max_bytes:
+        return "too_large"
     key = store.key(sid)
     try:
         with store.backend.lock(key):
@@ -220,7 +227,15 @@ def _import(module: str, extra: str) -> t.Any:
 
 def _redis_sessions(url: str, prefix: str, decode: Decode) -> Iterator[_Found]:
     redis = _import("redis", "redis")
-    client = redis.Redis.from_url(url, socket_timeout=_TIMEOUT, socket_connect_timeout=_TIMEOUT)
+    try:
+        client = redis.Redis.from_url(
+            url, socket_timeout=_TIMEOUT, socket_connect_timeout=_TIMEOUT
+        )
+    except ValueError as exc:
+        raise SourceError(
+            f"--from {_hide_password(url)!r} is not a Redis URL such as"
+            f" 'redis://localhost:6379/0': {exc}"
+        ) from exc
     match = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"
     try:
         for name in client.scan_iter(match=match, count=1000):
@@ -295,7 +310,7 @@ def _source_engine(url: str) -> sa.Engine:
     try:
         parsed = sa.make_url(url)
         engine = sa.create_engine(parsed)
-    except (sa.exc.ArgumentError, ImportError) as exc:
+    except (sa.exc.ArgumentError, ValueError, ImportError) as exc:
         raise SourceError(
             f"--from {_hide_password(url)!r} is neither a redis:// URL, nor a database URL that"
             f" SQLAlchemy can use, nor a directory: {exc}"
@@ -332,14 +347,24 @@ def _directory_sessions(directory: str) -> Iterator[_Found]:
             " nor a directory."
         )
     try:
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if entry.is_file() and not entry.name.endswith(_FILE_TMP_SUFFIX):
-                    found = _read_file(entry.path)
-                    if found is not None:
-                        yield found
+        for _, found in _session_files(directory):
+            yield found
     except OSError as exc:
         raise SourceError(f"Cannot read Flask-Session's directory: {exc}") from exc
+
+
+def _session_files(directory: str) -> Iterator[tuple[str, _Found]]:
+    """The session files of cachelib's FileSystemCache in ``directory``, with
+    what each holds; a file removed meanwhile is left out."""
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.is_file() and not entry.name.endswith(_FILE_TMP_SUFFIX):
+                try:
+                    found = _read_file(entry.path)
+                except FileNotFoundError:
+                    continue
+                if found is not None:
+                    yield entry.path, found
 
 
 def _read_file(path: str) -> _Found | None:
@@ -412,12 +437,41 @@ class FlaskSessionFiles:
             return found.data, expires
         return None
 
-    def forget(self, sid: str) -> None:
+    def forget(self, sid: str) -> bool:
+        """Remove the session's file; return whether there was one."""
+        removed = False
         for path in self._paths(sid):
             try:
                 os.unlink(path)
             except FileNotFoundError:
-                pass
+                continue
+            removed = True
+        return removed
+
+    def count(self) -> int:
+        """The number of live sessions that can be adopted."""
+        return sum(_is_live(found) for _, found in self._files())
+
+    def clear(self) -> int:
+        """Remove every session file; return how many were live."""
+        live = 0
+        for path, found in self._files():
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            live += _is_live(found)
+        return live
+
+    def _files(self) -> Iterator[tuple[str, _Found]]:
+        if not os.path.isdir(self.directory):
+            return iter(())
+        return _session_files(self.directory)
+
+
+def _is_live(found: _Found) -> bool:
+    # _read_file leaves out the data of an expired or unreadable file.
+    return found.data is not None
 
 
 def adopt_flask_session_files(

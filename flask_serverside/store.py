@@ -83,8 +83,14 @@ class Adopter(t.Protocol):
     def read(self, sid: str) -> tuple[dict[str, t.Any], float] | None:
         """The data and expiry of a live session with this ID, or ``None``."""
 
-    def forget(self, sid: str) -> None:
-        """Remove the session once this store holds it."""
+    def forget(self, sid: str) -> bool:
+        """Remove the session; return whether there was one."""
+
+    def count(self) -> int:
+        """The number of live sessions waiting to be taken over."""
+
+    def clear(self) -> int:
+        """Remove every session; return how many were live."""
 
 
 @dataclass
@@ -145,17 +151,40 @@ class SessionStore:
 
     def _adopt(self, sid: str, adopter: Adopter) -> Loaded | None:
         """Copy a session the adopter still holds into this store, then
-        have the adopter forget it, so it can only be taken over once."""
-        found = adopter.read(sid)
-        if found is None:
-            return None
-        data, expires = found
-        raw = self.serializer.dumps(data)
-        now = time.time()
-        meta = records.Meta(created=now, issued=now)
-        stored = records.pack(meta, raw)
-        self._call("adopting", self.backend.save, self.key(sid), stored, expires)
-        adopter.forget(sid)
+        have the adopter forget it, so it can only be taken over once.
+
+        It happens inside the key's exclusive section, so that
+        :meth:`delete` cannot run between the copy and the forgetting, and a
+        session is in both stores only while that section is held.
+        """
+        key = self.key(sid)
+        with self._guard("adopting"), self.backend.lock(key):
+            # Another request may have adopted it since this one looked.
+            loaded = self._decode(self.backend.load(key), time.time())
+            if loaded is not None:
+                return loaded
+            found = adopter.read(sid)
+            if found is None:
+                return None
+            data, expires = found
+            raw = self.serializer.dumps(data)
+            if len(raw) > self.max_bytes:
+                logger.warning(
+                    "Not adopting a session of %d bytes, more than"
+                    " SESSION_MAX_BYTES=%d: its user starts a new session.",
+                    len(raw),
+                    self.max_bytes,
+                )
+                return None
+            now = time.time()
+            meta = records.Meta(created=now, issued=now)
+            stored = records.pack(meta, raw)
+            self.backend.save(key, stored, expires)
+            try:
+                adopter.forget(sid)
+            except BaseException:
+                self.backend.delete(key)
+                raise
         return Loaded(data, raw, expires, meta, stored)
 
     def _decode(self, record: Record | None, now: float) -> Loaded | None:
@@ -179,8 +208,14 @@ class SessionStore:
             raise SessionTooLarge(len(raw), self.max_bytes)
 
     def delete(self, sid: str) -> bool:
-        """Remove a session's record; return whether there was one."""
-        return self._call("deleting", self._delete, self.key(sid))
+        """Remove a session's record, and the adopter's; return whether there
+        was one."""
+        if self.adopter is None:
+            return self._call("deleting", self._delete, self.key(sid))
+        key = self.key(sid)
+        with self._guard("deleting"), self.backend.lock(key):
+            forgotten = self.adopter.forget(sid)
+            return self.backend.delete(key) or forgotten
 
     def _delete(self, key: str) -> bool:
         # Inside the key's exclusive section: a request in the middle of its
@@ -311,10 +346,15 @@ class SessionStore:
             yield from self.backend.cleanup(time.time())
 
     def count(self) -> int:
-        return self._call("counting", self.backend.count, time.time())
+        """The number of live sessions, the adopter's included."""
+        count = self._call("counting", self.backend.count, time.time())
+        return count + (0 if self.adopter is None else self.adopter.count())
 
     def clear(self) -> int:
-        return self._call("clearing", self.backend.clear)
+        """Remove every session, the adopter's first so that none of them is
+        adopted afterwards; return how many were live."""
+        waiting = 0 if self.adopter is None else self.adopter.clear()
+        return self._call("clearing", self.backend.clear) + waiting
 
 
 def _error_text(exc: BaseException) -> str:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pathlib
 import time
 import typing as t
 
+import pytest
 from flask import Flask
 
+from tests.conftest import build_app
 from tests.test_contract import session_cookie
 from tests.test_contract import start_session
 from tests.test_contract import stored
@@ -65,3 +68,47 @@ def test_clear_asks_first(app: Flask, backend_name: str) -> None:
         return
     assert result.exit_code == 0 and "Removed 1 sessions." in result.output
     assert stored(app, sid) is None
+
+
+def assert_one_line_error(result: t.Any, *words: str) -> None:
+    """The command failed with a one-line reason naming ``words``, and no
+    traceback."""
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    for word in words:
+        assert word in errors[0], result.output
+
+
+@pytest.mark.parametrize(
+    "args", [("count",), ("clear", "--yes"), ("cleanup",), ("delete", "--", "a" * 43)]
+)
+def test_missing_table_is_a_one_line_error(tmp_path: pathlib.Path, args: tuple[str, ...]) -> None:
+    app = build_app(
+        tmp_path,
+        {"SESSION_BACKEND": "sqlalchemy", "SESSION_SQLALCHEMY_CREATE_TABLE": False},
+        count=False,
+    )
+    result = invoke(app, *args)
+    assert_one_line_error(result, "'sessions' does not exist", "SESSION_SQLALCHEMY_CREATE_TABLE")
+    assert result.output.startswith("Error:")
+
+
+def test_delete_signed_id_without_secret_key(tmp_path: pathlib.Path) -> None:
+    app = build_app(tmp_path, {"SESSION_SIGN_ID": True}, count=False)
+    app.secret_key = None
+    assert_one_line_error(invoke(app, "delete", "--", "a" * 43), "SECRET_KEY")
+
+
+@pytest.mark.parametrize("sid", ["", "a" * 20 + "\n" + "a" * 22, "../" * 20, "é" * 43])
+def test_delete_malformed_sid(tmp_path: pathlib.Path, sid: str) -> None:
+    app = build_app(tmp_path, {}, count=False)
+    assert_one_line_error(invoke(app, "delete", "--", sid), "SID", "not a session ID")
+
+
+def test_import_bad_format(tmp_path: pathlib.Path) -> None:
+    app = build_app(tmp_path, {}, count=False)
+    result = invoke(app, "import-flask-session", "--from", "x", "--format", "pickle")
+    assert_one_line_error(result, "--format", "'pickle'")

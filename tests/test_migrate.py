@@ -351,3 +351,138 @@ def test_unreachable_redis(tmp_path: pathlib.Path) -> None:
     assert result.exit_code == 1
     assert "Cannot read Flask-Session's Redis" in result.output
     assert "hunter2" not in result.output
+
+
+def assert_one_line_error(result: t.Any, *words: str) -> None:
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit), result.exception
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
+    for word in words:
+        assert word in lines[0], result.output
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["redis://h:notaport/0", "redis://h:99999/0", "postgresql://u@h:notaport/x"],
+)
+def test_malformed_source_url(tmp_path: pathlib.Path, source: str) -> None:
+    result = run_import(new_app(tmp_path), "--from", source)
+    assert_one_line_error(result, "--from", source.rpartition("@")[2])
+
+
+def test_import_into_missing_table(tmp_path: pathlib.Path) -> None:
+    database_url = f"sqlite:///{tmp_path / 'flask_session.sqlite3'}"
+    old = flask_session_app(
+        tmp_path / "old",
+        SQLALCHEMY_DATABASE_URI=database_url,
+        SESSION_TYPE="sqlalchemy",
+        SESSION_SQLALCHEMY=SQLAlchemy(),
+    )
+    start_old_session(old)
+    new = new_app(
+        tmp_path, SESSION_BACKEND="sqlalchemy", SESSION_SQLALCHEMY_CREATE_TABLE=False
+    )
+    result = run_import(new, "--from", database_url)
+    assert_one_line_error(result, "does not exist", "SESSION_SQLALCHEMY_CREATE_TABLE")
+
+
+def test_import_skips_sessions_over_max_bytes(
+    tmp_path: pathlib.Path, redis_server: Server, redis_client: redis.Redis, prefix: str
+) -> None:
+    old = flask_session_app(
+        tmp_path / "old",
+        SESSION_TYPE="redis",
+        SESSION_REDIS=redis_client,
+        SESSION_KEY_PREFIX=prefix,
+    )
+    small = start_old_session(old)
+    client = old.test_client()
+    assert client.post("/set", json={"blob": "x" * 2000}).status_code == 200
+    large = client.get_cookie("session").value  # type: ignore[union-attr]
+    new = new_app(tmp_path, SESSION_MAX_BYTES=1000)
+
+    result = run_import(new, "--from", redis_server.url, "--prefix", prefix)
+
+    assert result.exit_code == 0, result.output
+    assert "Imported 1 sessions." in result.output
+    assert "Skipped 1 sessions larger than SESSION_MAX_BYTES=1000." in result.output
+    assert session_seen(new, small) == STORED
+    assert session_seen(new, large) == {}
+    client = new.test_client()
+    client.set_cookie("session", small)
+    assert client.get("/set/more/1").status_code == 200
+
+
+def test_adoption_skips_sessions_over_max_bytes(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = tmp_path / "flask_session"
+    old = flask_session_app(
+        tmp_path / "old", SESSION_TYPE="filesystem", SESSION_FILE_DIR=os.fspath(directory)
+    )
+    small = start_old_session(old)
+    client = old.test_client()
+    assert client.post("/set", json={"blob": "x" * 2000}).status_code == 200
+    large = client.get_cookie("session").value  # type: ignore[union-attr]
+    new = new_app(tmp_path, SESSION_MAX_BYTES=1000)
+    adopt_flask_session_files(new, directory)
+
+    assert session_seen(new, large) == {}
+    assert "SESSION_MAX_BYTES=1000" in caplog.text
+    assert stored_expiry(new, large) is None
+    assert session_seen(new, small) == STORED
+
+
+def adopting_app(tmp_path: pathlib.Path) -> tuple[Flask, pathlib.Path, list[str]]:
+    """An app adopting Flask-Session's files, and three sessions waiting there."""
+    directory = tmp_path / "flask_session"
+    old = flask_session_app(
+        tmp_path / "old", SESSION_TYPE="filesystem", SESSION_FILE_DIR=os.fspath(directory)
+    )
+    sids = [start_old_session(old) for _ in range(3)]
+    new = new_app(tmp_path)
+    adopt_flask_session_files(new, directory)
+    return new, directory, sids
+
+
+def test_delete_revokes_sessions_waiting_for_adoption(tmp_path: pathlib.Path) -> None:
+    new, directory, (waiting, adopted, never) = adopting_app(tmp_path)
+    assert session_seen(new, adopted) == STORED
+    runner = new.test_cli_runner()
+
+    for sid in (waiting, adopted):
+        result = runner.invoke(args=["sessions", "delete", "--", sid])
+        assert result.exit_code == 0 and "Session deleted." in result.output, result.output
+        assert session_seen(new, sid) == {}
+    result = runner.invoke(args=["sessions", "delete", "--", waiting])
+    assert result.exit_code == 1 and "No such session" in result.output
+    with new.app_context():
+        assert new.extensions["serverside"].delete(never) is True
+        assert new.extensions["serverside"].delete(never) is False
+    assert session_seen(new, never) == {}
+
+
+def test_count_and_clear_include_sessions_waiting_for_adoption(tmp_path: pathlib.Path) -> None:
+    new, directory, (waiting, adopted, expired) = adopting_app(tmp_path)
+    assert session_seen(new, adopted) == STORED
+    path = pathlib.Path(FlaskSessionFiles(directory)._paths(expired)[0])
+    path.write_bytes(struct.pack("I", int(time.time()) - 10) + path.read_bytes()[4:])
+    start_session_in(new)
+    runner = new.test_cli_runner()
+
+    assert runner.invoke(args=["sessions", "count"]).output == "3\n"
+    with new.app_context():
+        assert new.extensions["serverside"].count() == 3
+    result = runner.invoke(args=["sessions", "clear", "--yes"])
+
+    assert result.exit_code == 0 and "Removed 3 sessions." in result.output, result.output
+    assert session_seen(new, waiting) == {} and session_seen(new, adopted) == {}
+    assert not any(_file_holds(p, STORED) for p in directory.iterdir())
+    with new.app_context():
+        assert new.extensions["serverside"].count() == 0
+        assert new.extensions["serverside"].clear() == 0
+
+
+def start_session_in(app: Flask) -> None:
+    assert app.test_client().get("/set/a/1").status_code == 200
