@@ -13,13 +13,14 @@ PIP := $(BIN)/python -m pip install -qq
 
 .PHONY: demo test lint docs dist bench clean
 
+# The set-up steps of `make demo` run silently: a newcomer sees the server.
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) --upgrade pip
+	@$(PYTHON) -m venv $(VENV)
+	@$(PIP) --upgrade pip
 
 $(STAMP_DEMO): $(BIN)/python setup.cfg pyproject.toml
-	$(PIP) -e .
-	touch $@
+	@$(PIP) -e .
+	@touch $@
 
 $(STAMP_DOCS): $(BIN)/python setup.cfg pyproject.toml
 	$(PIP) -e '.[docs]'
@@ -35,7 +36,7 @@ $(STAMP_DIST): $(BIN)/python
 
 ## Serve the example shop on http://127.0.0.1:5000 with the filesystem store.
 demo: $(STAMP_DEMO)
-	$(BIN)/flask --app examples/shop/app.py run --host 127.0.0.1 --port 5000
+	@$(BIN)/flask --app examples/shop/app.py run --host 127.0.0.1 --port 5000
 
 ## Install the test extras, start the servers that are installed, run everything:
 ## the test suite, ruff, mypy --strict, the docs with warnings as errors, and
