@@ -1,7 +1,7 @@
 """flask_serverside's quickstart: a complete app in one file.
 
-Save it as ``app.py`` and run ``flask run``, or from the repository root:
-``flask --app examples/quickstart.py run``.
+Save it as ``app.py`` and run ``flask run``, or from the
+repository root: ``flask --app examples/quickstart.py run``.
 """
 
 from flask import Flask
@@ -14,7 +14,8 @@ from markupsafe import escape
 from flask_serverside import ServerSide
 
 app = Flask(__name__)
-ServerSide(app)  # sessions are now files in app.instance_path/sessions
+# Sessions are now files in app.instance_path/sessions.
+ServerSide(app)
 
 LOGIN_FORM = """
 <form method="post" action="/login">
@@ -24,7 +25,9 @@ LOGIN_FORM = """
 """
 
 LOGOUT_FORM = """
-<form method="post" action="/logout"><button>Log out</button></form>
+<form method="post" action="/logout">
+  <button>Log out</button>
+</form>
 """
 
 
@@ -32,17 +35,18 @@ LOGOUT_FORM = """
 def index():
     if "name" not in session:
         return "You are not logged in." + LOGIN_FORM
-    return f"Logged in as {escape(session['name'])}." + LOGOUT_FORM
+    name = escape(session["name"])  # user input: escape it
+    return f"Logged in as {name}." + LOGOUT_FORM
 
 
 @app.post("/login")
 def login():
     session["name"] = request.form["name"]
-    session.regenerate()  # a new session ID on login: no session fixation
+    session.regenerate()  # a new ID on login: no session fixation
     return redirect(url_for("index"))
 
 
 @app.post("/logout")
 def logout():
-    session.destroy()  # the data, the stored record and the cookie
+    session.destroy()  # the data, its record and the cookie
     return redirect(url_for("index"))
