@@ -3,29 +3,45 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP_TEST := $(VENV)/.installed-test
+STAMP_DOCS := $(VENV)/.installed-docs
 STAMP_DEMO := $(VENV)/.installed
+STAMP_DIST := $(VENV)/.installed-dist
+# A clean environment that gets only the built wheel (see `dist`).
+WHEEL_VENV := build/wheel-venv
+# `pip -qq` shows errors only: no setuptools banner about editable installs.
+PIP := $(BIN)/python -m pip install -qq
 
-.PHONY: demo test lint docs bench clean
+.PHONY: demo test lint docs dist bench clean
 
+# The set-up steps of `make demo` run silently: a newcomer sees the server.
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	@$(PYTHON) -m venv $(VENV)
+	@$(PIP) --upgrade pip
 
 $(STAMP_DEMO): $(BIN)/python setup.cfg pyproject.toml
-	$(BIN)/python -m pip install --quiet -e .
-	touch $@
+	@$(PIP) -e .
+	@touch $@
+
+$(STAMP_DOCS): $(BIN)/python setup.cfg pyproject.toml
+	$(PIP) -e '.[docs]'
+	touch $@ $(STAMP_DEMO)
 
 $(STAMP_TEST): $(BIN)/python setup.cfg pyproject.toml
-	$(BIN)/python -m pip install --quiet -e '.[test,docs]'
-	touch $@ $(STAMP_DEMO)
+	$(PIP) -e '.[test,docs]'
+	touch $@ $(STAMP_DOCS) $(STAMP_DEMO)
+
+$(STAMP_DIST): $(BIN)/python
+	$(PIP) build twine
+	touch $@
 
 ## Serve the example shop on http://127.0.0.1:5000 with the filesystem store.
 demo: $(STAMP_DEMO)
-	$(BIN)/flask --app examples/shop/app.py run --host 127.0.0.1 --port 5000
+	@$(BIN)/flask --app examples/shop/app.py run --host 127.0.0.1 --port 5000
 
 ## Install the test extras, start the servers that are installed, run everything:
-## the test suite, ruff, mypy --strict, and the docs with warnings as errors.
-test: lint docs
+## the test suite, ruff, mypy --strict, the docs with warnings as errors, and
+## the sdist and wheel (built, checked, installed in a clean venv).
+test: lint docs dist
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## Benchmarks (benchmarks/README.md): per-request cost, throughput, scale.
@@ -39,8 +55,19 @@ lint: $(STAMP_TEST)
 	$(BIN)/ruff check flask_serverside tests examples benchmarks
 	$(BIN)/mypy
 
-docs: $(STAMP_TEST)
+## The docs only need the docs extras; open docs/_build/html/index.html.
+docs: $(STAMP_DOCS)
 	$(BIN)/sphinx-build -q -W -b html docs docs/_build/html
+
+## Build the sdist and the wheel into dist/, check them with twine, install
+## the wheel alone into a clean venv and import it from outside the checkout.
+dist: $(STAMP_DIST)
+	rm -rf build dist
+	$(BIN)/python -m build -q --outdir dist .
+	$(BIN)/twine check --strict dist/*
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install -qq dist/*.whl
+	cd / && $(CURDIR)/$(WHEEL_VENV)/bin/python -c 'import flask_serverside as m, pathlib as p; assert "site-packages" in m.__file__, m.__file__; assert (p.Path(m.__file__).parent / "py.typed").exists(); print("wheel OK:", m.__name__, m.__version__, "from", m.__file__)'
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info docs/_build
