@@ -276,8 +276,22 @@ class SessionStore:
             raise SessionTooLarge(len(raw), self.max_bytes)
 
     def delete(self, sid: str) -> bool:
-        """Remove a session's record; return whether there was one."""
-        return self._call("deleting", self._delete, self.key(sid))
+        """Remove a session's record; return whether there was one.
+
+        A renewed ID, within its grace period, removes the session it was
+        renewed to as well.
+        """
+        return self._call("deleting", self._delete_session, sid)
+
+    def _delete_session(self, sid: str) -> bool:
+        key = self.key(sid)
+        new_sid = None
+        if self.clocks is not None:
+            new_sid = self._renewed_to(sid, self.backend.load(key), time.time())
+        deleted = self._delete(key)
+        if new_sid is not None:
+            deleted = self._delete(self.key(new_sid)) or deleted
+        return deleted
 
     def _delete(self, key: str) -> bool:
         # Inside the key's exclusive section: a request in the middle of its

@@ -186,6 +186,22 @@ class TestClocks:
         assert stored(app, old) is None
         assert client.get("/dump").json == {"a": "1", "b": "2"}
 
+    def test_deleting_a_renewed_id_ends_the_session(
+        self, clock_app: t.Callable[..., Flask]
+    ) -> None:
+        app = clock_app(SESSION_RENEWAL_INTERVAL=0.3, SESSION_RENEWAL_GRACE=30)
+        client = app.test_client()
+        old = start_session(client, a="1")
+        time.sleep(0.4)
+        client.get("/get/a")
+        new = cookie_sid(client)
+        assert new != old
+        with app.app_context():
+            assert app.extensions["serverside"].get(old) == {"a": "1"}
+            assert app.extensions["serverside"].delete(old) is True
+        assert stored(app, new) is None and stored(app, old) is None
+        assert client.get("/get/a").json is None
+
     def test_renewal_race_keeps_every_update_and_one_id(
         self, clock_app: t.Callable[..., Flask], backend_name: str
     ) -> None:
