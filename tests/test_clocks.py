@@ -145,6 +145,21 @@ class TestClocks:
         assert raw_record(app, sid) is None
         assert stored(app, sid) is None
 
+    def test_record_without_header_starts_its_clock_when_next_written(
+        self, clock_app: t.Callable[..., Flask]
+    ) -> None:
+        app = clock_app(SESSION_ABSOLUTE_LIFETIME=60)
+        client = app.test_client()
+        sid = start_session(client, a="1")
+        store = app.session_interface.store  # type: ignore[attr-defined]
+        old_format = store.serializer.dumps({"a": "1"})
+        store.backend.save(store.key(sid), old_format, time.time() + 60)
+        assert client.get("/get/a").json == "1"
+        client.get("/set/b/2")
+        meta, _ = records.unpack(raw_record(app, sid).data)
+        assert meta.created is not None and time.time() - 5 < meta.created <= time.time()
+        assert client.get("/dump").json == {"a": "1", "b": "2"}
+
     def test_absolute_lifetime_caps_refreshed_cookie(
         self, clock_app: t.Callable[..., Flask]
     ) -> None:
