@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import re
 import typing as t
+from datetime import timedelta
 
 from flask import current_app
 from flask import session
 
 from . import ids
 from .backends.base import Backend
+from .clocks import Clocks
 from .interface import ServerSideSessionInterface
 from .serializers import get_serializer
 from .store import SessionStore
@@ -84,6 +86,9 @@ def _defaults(app: Flask) -> dict[str, t.Any]:
         "SESSION_TOUCH_INTERVAL": 60,
         "SESSION_PROTECT_LOGIN": True,
         "SESSION_CLEANUP_INTERVAL": 3600,
+        "SESSION_ABSOLUTE_LIFETIME": None,
+        "SESSION_RENEWAL_INTERVAL": None,
+        "SESSION_RENEWAL_GRACE": 30,
     }
 
 
@@ -220,6 +225,7 @@ def _make_interface(config: t.Mapping[str, t.Any]) -> ServerSideSessionInterface
         id_bytes=_integer(config, "SESSION_ID_BYTES", ids.MIN_BYTES, ids.MAX_BYTES),
         max_bytes=_integer(config, "SESSION_MAX_BYTES", 1),
         touch_interval=_seconds(config, "SESSION_TOUCH_INTERVAL"),
+        clocks=_clocks(config),
     )
     cleanup = _cleanup_interval(config)
     return ServerSideSessionInterface(
@@ -378,6 +384,34 @@ def _seconds(config: t.Mapping[str, t.Any], key: str) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
         return float(value)
     raise ValueError(f"{key}={value!r} is not allowed: use a number of seconds, 0 or more.")
+
+
+def _duration(config: t.Mapping[str, t.Any], key: str, optional: bool) -> float | None:
+    """A ``timedelta`` or number of seconds: above 0, or ``None`` if optional;
+    0 is allowed where ``None`` is not."""
+    value = config[key]
+    if value is None and optional:
+        return None
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    number = isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+    if number and (seconds > 0 or (seconds == 0 and not optional)):
+        return float(seconds)
+    allowed = "above 0, or None to turn it off" if optional else "0 or more"
+    raise ValueError(
+        f"{key}={value!r} is not allowed: use a datetime.timedelta or a number"
+        f" of seconds, {allowed}."
+    )
+
+
+def _clocks(config: t.Mapping[str, t.Any]) -> Clocks | None:
+    """The absolute lifetime and renewal, or ``None`` if neither is set, so
+    that a request then pays nothing for them."""
+    absolute = _duration(config, "SESSION_ABSOLUTE_LIFETIME", optional=True)
+    renewal = _duration(config, "SESSION_RENEWAL_INTERVAL", optional=True)
+    grace = _duration(config, "SESSION_RENEWAL_GRACE", optional=False)
+    if absolute is None and renewal is None:
+        return None
+    return Clocks(absolute, renewal, t.cast(float, grace))
 
 
 def _cleanup_interval(config: t.Mapping[str, t.Any]) -> float | None:

@@ -7,6 +7,7 @@ import threading
 import time
 import typing as t
 from datetime import datetime
+from datetime import timedelta
 from datetime import timezone
 
 from flask.sessions import SessionInterface
@@ -113,6 +114,10 @@ class ServerSideSessionInterface(SessionInterface):
         """
         sid = session.cookie_sid
         refresh = self.permanent and app.config["SESSION_REFRESH_EACH_REQUEST"]
+        if self.store.clocks is not None and self.store.clocks.absolute is not None:
+            # Without the record, the session's end is unknown: a refreshed
+            # cookie could outlive the absolute lifetime.
+            refresh = False
         if sid is not None and session.accessed and refresh:
             expires = datetime.now(timezone.utc) + app.permanent_session_lifetime
             self._set_cookie(app, response, sid, expires)
@@ -126,8 +131,22 @@ class ServerSideSessionInterface(SessionInterface):
             outcome is Outcome.NOTHING and (session.destroyed or session.cookie_sid)
         ):
             self._delete_cookie(app, response)
-        elif outcome is Outcome.KEPT and self.should_set_cookie(app, session):
+        elif outcome is Outcome.KEPT and (
+            session.renewed_from is not None or self.should_set_cookie(app, session)
+        ):
             self._set_session_cookie(app, session, response)
+
+    def get_expiration_time(self, app: Flask, session: SessionMixin) -> datetime | None:
+        """Flask's expiry of the cookie, never later than the session's end
+        under ``SESSION_ABSOLUTE_LIFETIME``."""
+        expires = super().get_expiration_time(app, session)
+        clocks = self.store.clocks
+        if expires is None or clocks is None or clocks.absolute is None:
+            return expires
+        assert isinstance(session, ServerSideSession)
+        # A session not stored yet is created by this response.
+        created = session.created or datetime.now(timezone.utc)
+        return min(expires, created + timedelta(seconds=clocks.absolute))
 
     def _cookie_options(self, app: Flask) -> dict[str, t.Any]:
         return {
@@ -158,6 +177,9 @@ class ServerSideSessionInterface(SessionInterface):
         response.delete_cookie(self.get_cookie_name(app), **self._cookie_options(app))
 
     def _send_signals(self, app: Flask, session: ServerSideSession, outcome: Outcome) -> None:
+        if session.renewal is not None:
+            old_sid, sid = session.renewal
+            signals.session_regenerated.send(app, old_sid=old_sid, sid=sid)
         if session.destroyed_sid is not None and session.destroy_removed:
             signals.session_destroyed.send(app, sid=session.destroyed_sid)
         if outcome is not Outcome.CREATED:

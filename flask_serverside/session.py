@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 import typing as t
 from collections.abc import Iterator
+from datetime import datetime
+from datetime import timezone
 
 from flask.sessions import SessionMixin
 
@@ -47,6 +49,14 @@ class ServerSideSession(SessionMixin):
         self.destroy_removed = False
         #: When the data was read from the store (:func:`time.monotonic`).
         self.loaded_at = 0.0
+        #: The ID from the cookie, when the session was found moved to a new
+        #: ID (renewed); the response then carries the new one.
+        self.renewed_from: str | None = None
+        #: ``(old ID, new ID)`` when this request's load renewed the ID.
+        self.renewal: tuple[str, str] | None = None
+        #: The creation time to store instead of the loaded one (Unix time),
+        #: set by :meth:`_restart_clock`.
+        self.new_created: float | None = None
         self.new = sid is None
         self.modified = False
         self.accessed = False
@@ -83,7 +93,7 @@ class ServerSideSession(SessionMixin):
             return {}
         self.loaded_at = time.monotonic()
         try:
-            self.stored = self._store.load(self._sid)
+            self.stored = self._store.load(self._sid, renew=True)
         except Exception:
             self.load_failed = True
             raise
@@ -91,7 +101,34 @@ class ServerSideSession(SessionMixin):
             self.new = True
             self._sid = None
             return {}
+        if self.stored.sid is not None:
+            if self.stored.renewed:
+                self.renewal = (self._sid, self.stored.sid)
+            self.follow_renewal(self.stored.sid)
         return self.stored.data
+
+    def follow_renewal(self, new_sid: str) -> None:
+        """Carry on under the new ID the session was renewed to."""
+        if self.regenerated_from is not None:
+            self.regenerated_from = new_sid
+            return
+        if self.renewed_from is None:
+            self.renewed_from = self._sid
+        self._sid = new_sid
+
+    @property
+    def created(self) -> datetime | None:
+        """When the session was first stored, as an aware UTC datetime;
+        ``None`` before it is stored. Reading it loads the data.
+
+        .. versionadded:: 0.2
+        """
+        self.data  # noqa: B018 - the creation time is stored with the data.
+        if self.new_created is not None:
+            return datetime.fromtimestamp(self.new_created, timezone.utc)
+        if self.stored is None or self.stored.meta.created is None:
+            return None
+        return datetime.fromtimestamp(self.stored.meta.created, timezone.utc)
 
     def __getitem__(self, key: str) -> t.Any:
         return self.data[key]
@@ -152,6 +189,16 @@ class ServerSideSession(SessionMixin):
         if self.regenerated_from is None and not self.new:
             self.regenerated_from = self._sid
         self._sid = self._store.new_id()
+        self.modified = True
+
+    def _restart_clock(self) -> None:
+        """Start the absolute lifetime over when the session is next saved.
+
+        Binding the session to another user calls it (with
+        :meth:`regenerate`): a new user's session is a new session.
+        """
+        self.data  # noqa: B018 - the record to rewrite must be known.
+        self.new_created = time.time()
         self.modified = True
 
     def destroy(self) -> None:

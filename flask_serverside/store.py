@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from . import clocks as clock
 from . import ids
 from . import record as records
 from .exceptions import BackendUnavailable
@@ -49,6 +50,10 @@ class Loaded:
     :param meta: The record's metadata (creation time, user binding).
     :param stored: The whole stored record, header included, to check at
         save time that nobody else wrote it meanwhile.
+    :param sid: The ID the session is stored under now, when it is not the
+        one asked for: its ID was renewed.
+    :param renewed: Whether this load renewed the ID (rather than following
+        an earlier renewal).
     """
 
     data: dict[str, t.Any]
@@ -56,6 +61,8 @@ class Loaded:
     expires: float
     meta: records.Meta
     stored: bytes
+    sid: str | None = None
+    renewed: bool = False
 
 
 class Outcome(enum.Enum):
@@ -103,6 +110,8 @@ class SessionStore:
     :param id_bytes: ``SESSION_ID_BYTES``.
     :param max_bytes: ``SESSION_MAX_BYTES``.
     :param touch_interval: ``SESSION_TOUCH_INTERVAL``.
+    :param clocks: The absolute lifetime and ID renewal, or ``None`` when
+        neither is configured.
     """
 
     backend: Backend
@@ -111,6 +120,7 @@ class SessionStore:
     id_bytes: int
     max_bytes: int
     touch_interval: float
+    clocks: clock.Clocks | None = None
     #: Another store whose sessions are taken over as their users come back;
     #: see :func:`flask_serverside.migrate.adopt_flask_session_files`.
     adopter: Adopter | None = None
@@ -138,13 +148,20 @@ class SessionStore:
         with self._guard(action):
             return func(*args)
 
-    def load(self, sid: str) -> Loaded | None:
+    def load(self, sid: str, renew: bool = False) -> Loaded | None:
         """Read a live session, or ``None`` if missing, expired or corrupt.
 
+        :param renew: Move the session to a new ID if its renewal is due
+            (a request does; operations that do not answer with a cookie
+            must not).
         :raises BackendUnavailable: The store could not be reached.
         """
         record = self._call("loading", self.backend.load, self.key(sid))
-        loaded = self._decode(record, time.time())
+        if self.clocks is None:
+            loaded = self._decode(record, time.time())
+        else:
+            with self._guard("loading"):
+                loaded = self._clocked(sid, record, self.clocks, renew)
         if loaded is None and self.adopter is not None:
             loaded = self._adopt(sid, self.adopter)
         return loaded
@@ -198,6 +215,101 @@ class SessionStore:
             return None
         return Loaded(data, raw, record.expires, meta, record.data)
 
+    @staticmethod
+    def _peek(record: Record | None, now: float) -> records.Meta | None:
+        """The header of a live record, or ``None``."""
+        if record is None or record.expires <= now:
+            return None
+        try:
+            return records.unpack(record.data)[0]
+        except ValueError:
+            return None
+
+    def _clocked(
+        self, sid: str, record: Record | None, clocks: clock.Clocks, renew: bool
+    ) -> Loaded | None:
+        """:meth:`load` with the absolute lifetime and ID renewal applied."""
+        now = time.time()
+        meta = self._peek(record, now)
+        if meta is not None and clock.RENEWED in meta.extra:
+            return self._follow(sid, meta, clocks, now)
+        loaded = self._decode(record, now)
+        if loaded is None:
+            return None
+        if loaded.meta.created is None:
+            # A record from before headers: its lifetime starts now.
+            loaded.meta = records.Meta(now, now, loaded.meta.extra)
+        if clocks.ended(loaded.meta, now):
+            self._end(self.key(sid), clocks)
+            return None
+        if renew and clocks.renewal_due(loaded.meta, now):
+            return self._renew(sid, clocks)
+        return loaded
+
+    def _end(self, key: str, clocks: clock.Clocks) -> None:
+        """Remove a record past its absolute lifetime, under its lock, so a
+        request in the middle of its locked write cannot put it back."""
+        with self.backend.lock(key):
+            now = time.time()
+            meta = self._peek(self.backend.load(key), now)
+            if meta is not None and clocks.ended(meta, now):
+                self.backend.delete(key)
+
+    def _follow(
+        self, sid: str, pointer: records.Meta, clocks: clock.Clocks, now: float
+    ) -> Loaded | None:
+        """The session a renewed ID points to, within the grace period."""
+        new_sid = self._pointer_target(sid, pointer, clocks, now)
+        if new_sid is None:
+            return None
+        loaded = self._decode(self.backend.load(self.key(new_sid)), now)
+        if loaded is None or clocks.ended(loaded.meta, now):
+            return None
+        loaded.sid = new_sid
+        return loaded
+
+    @staticmethod
+    def _pointer_target(
+        sid: str, pointer: records.Meta, clocks: clock.Clocks, now: float
+    ) -> str | None:
+        if not clocks.pointer_live(pointer, now):
+            return None
+        return clock.unseal(pointer.extra[clock.RENEWED], sid)
+
+    def _renew(self, sid: str, clocks: clock.Clocks) -> Loaded | None:
+        """Move a session whose renewal is due to a new ID, once: requests
+        that arrive meanwhile find the pointer under the lock and follow it."""
+        key = self.key(sid)
+        with self.backend.lock(key):
+            record = self.backend.load(key)
+            now = time.time()
+            meta = self._peek(record, now)
+            if meta is not None and clock.RENEWED in meta.extra:
+                return self._follow(sid, meta, clocks, now)
+            loaded = self._decode(record, now)
+            if loaded is None or not clocks.renewal_due(loaded.meta, now):
+                return loaded
+            return self._move_to_new_id(sid, loaded, clocks, now)
+
+    def _move_to_new_id(
+        self, old_sid: str, loaded: Loaded, clocks: clock.Clocks, now: float
+    ) -> Loaded:
+        """Store a session under a new ID (data, creation time and binding
+        kept; issued now) and leave a pointer to it under the old key for
+        the grace period. Called under the old key's lock."""
+        new_sid = self.new_id()
+        meta = records.Meta(loaded.meta.created, now, dict(loaded.meta.extra))
+        stored = records.pack(meta, loaded.raw)
+        self.backend.save(self.key(new_sid), stored, loaded.expires)
+        if clocks.grace > 0:
+            sealed = {clock.RENEWED: clock.seal(new_sid, old_sid)}
+            pointer = records.pack(records.Meta(loaded.meta.created, now, sealed), b"")
+            expires = min(loaded.expires, now + clocks.grace)
+            self.backend.save(self.key(old_sid), pointer, expires)
+        else:
+            self.backend.delete(self.key(old_sid))
+        return Loaded(loaded.data, loaded.raw, loaded.expires, meta, stored, new_sid, True)
+
     def _encode(self, data: dict[str, t.Any]) -> bytes:
         raw = self.serializer.dumps(data)
         self._check_size(raw)
@@ -209,13 +321,27 @@ class SessionStore:
 
     def delete(self, sid: str) -> bool:
         """Remove a session's record, and the adopter's; return whether there
-        was one."""
-        if self.adopter is None:
-            return self._call("deleting", self._delete, self.key(sid))
+        was one.
+
+        A renewed ID, within its grace period, removes the session it was
+        renewed to as well.
+        """
+        return self._call("deleting", self._delete_session, sid)
+
+    def _delete_session(self, sid: str) -> bool:
         key = self.key(sid)
-        with self._guard("deleting"), self.backend.lock(key):
-            forgotten = self.adopter.forget(sid)
-            return self.backend.delete(key) or forgotten
+        new_sid = None
+        if self.clocks is not None:
+            new_sid = self._renewed_to(sid, self.backend.load(key), time.time())
+        if self.adopter is None:
+            deleted = self._delete(key)
+        else:
+            with self.backend.lock(key):
+                forgotten = self.adopter.forget(sid)
+                deleted = self.backend.delete(key) or forgotten
+        if new_sid is not None:
+            deleted = self._delete(self.key(new_sid)) or deleted
+        return deleted
 
     def _delete(self, key: str) -> bool:
         # Inside the key's exclusive section: a request in the middle of its
@@ -237,8 +363,14 @@ class SessionStore:
                 session.destroy_removed = self._delete(self.key(session.destroyed_sid))
             if session.stored is None:
                 return self._create(session, lifetime)
+            if self.clocks is not None and self._ended(session, self.clocks):
+                return Outcome.DROPPED
             raw = self.serializer.dumps(session.data)
-            if raw == session.stored.raw and session.regenerated_from is None:
+            if (
+                raw == session.stored.raw
+                and session.regenerated_from is None
+                and session.new_created is None
+            ):
                 return self._touch(session, session.stored, lifetime)
             return self._write(session, session.stored, raw, lifetime)
 
@@ -251,12 +383,25 @@ class SessionStore:
         self.backend.save(self.key(session.sid), stored, now + lifetime)
         return Outcome.CREATED
 
+    def _ended(self, session: ServerSideSession, clocks: clock.Clocks) -> bool:
+        """Whether the session passed its absolute lifetime while this request
+        ran; if so its record is removed and nothing is saved."""
+        assert session.stored is not None
+        if not clocks.ended(session.stored.meta, time.time()):
+            return False
+        self._end(self.key(session.regenerated_from or session.sid), clocks)
+        logger.info("Dropping this request's session changes: the session ended.")
+        return True
+
     def _touch(self, session: ServerSideSession, stored: Loaded, lifetime: float) -> Outcome:
         """Extend an unmodified session's record when the touch interval is
         due, or when the request held its copy for over :data:`CONFIRM_AFTER`
         seconds; a record found gone (destroyed, regenerated or expired
         meanwhile) is :attr:`Outcome.DROPPED`."""
         now = time.time()
+        if stored.expires <= now:
+            # Expired while this request ran: touching would bring it back.
+            return Outcome.DROPPED
         due = now - (stored.expires - lifetime) >= min(self.touch_interval, lifetime / 2)
         slow = time.monotonic() - session.loaded_at > CONFIRM_AFTER
         if (due or slow) and not self.backend.touch(self.key(session.sid), now + lifetime):
@@ -274,29 +419,58 @@ class SessionStore:
         """
         if self._replace(session, stored, raw, lifetime):
             return Outcome.WRITTEN
-        key = self.key(session.regenerated_from or session.sid)
+        sid = session.regenerated_from or session.sid
+        key = self.key(sid)
         with self.backend.lock(key):
             now = time.time()
             record = self.backend.load(key)
-            data, meta = session.data, stored.meta
-            # An expired record is gone: merging finds nothing to write into.
-            if record is None or record.data != stored.stored or record.expires <= now:
-                current = self._decode(record, now)
-                merged = self._merge(session, current)
-                if current is None or merged is None:
-                    return Outcome.DROPPED
-                data, raw, meta = merged, self.serializer.dumps(merged), current.meta
-            if is_empty(data):
-                self.backend.delete(key)
-                return Outcome.EMPTIED
-            self._check_size(raw)
-            if session.regenerated_from is None:
-                self.backend.save(key, records.pack(meta, raw), now + lifetime)
-                return Outcome.WRITTEN
-            meta = records.Meta(meta.created, now, meta.extra)
-            self.backend.save(self.key(session.sid), records.pack(meta, raw), now + lifetime)
+            moved = self._renewed_to(sid, record, now)
+            if moved is None:
+                return self._write_locked(session, stored, raw, lifetime, key, record, now)
+        # Renewed since this request read it: the changes go to the new ID.
+        session.follow_renewal(moved)
+        return self._write(session, stored, raw, lifetime)
+
+    def _renewed_to(self, sid: str, record: Record | None, now: float) -> str | None:
+        """The new ID of a session renewed within the grace period."""
+        if self.clocks is None:
+            return None
+        meta = self._peek(record, now)
+        if meta is None or clock.RENEWED not in meta.extra:
+            return None
+        return self._pointer_target(sid, meta, self.clocks, now)
+
+    def _write_locked(
+        self,
+        session: ServerSideSession,
+        stored: Loaded,
+        raw: bytes,
+        lifetime: float,
+        key: str,
+        record: Record | None,
+        now: float,
+    ) -> Outcome:
+        """The part of :meth:`_write` inside the exclusive section of ``key``,
+        whose ``record`` was read there."""
+        data, meta = session.data, stored.meta
+        if record is None or record.expires <= now or record.data != stored.stored:
+            current = self._decode(record, now)
+            merged = self._merge(session, current)
+            if current is None or merged is None:
+                return Outcome.DROPPED
+            data, raw, meta = merged, self.serializer.dumps(merged), current.meta
+        if is_empty(data):
             self.backend.delete(key)
-            return Outcome.CREATED
+            return Outcome.EMPTIED
+        self._check_size(raw)
+        meta = _restarted(session, meta)
+        if session.regenerated_from is None:
+            self.backend.save(key, records.pack(meta, raw), now + lifetime)
+            return Outcome.WRITTEN
+        meta = records.Meta(meta.created, now, meta.extra)
+        self.backend.save(self.key(session.sid), records.pack(meta, raw), now + lifetime)
+        self.backend.delete(key)
+        return Outcome.CREATED
 
     def _replace(
         self, session: ServerSideSession, stored: Loaded, raw: bytes, lifetime: float
@@ -311,7 +485,7 @@ class SessionStore:
         if len(raw) > self.max_bytes:
             return False
         key = self.key(session.sid)
-        data = records.pack(stored.meta, raw)
+        data = records.pack(_restarted(session, stored.meta), raw)
         return self.backend.replace(key, stored.stored, data, time.time() + lifetime)
 
     def _merge(
@@ -361,3 +535,10 @@ def _error_text(exc: BaseException) -> str:
     """The exception's type and message on one line, for the log."""
     message = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+def _restarted(session: ServerSideSession, meta: records.Meta) -> records.Meta:
+    """The header to write: with a new creation time if the session's
+    absolute lifetime was restarted (binding to another user)."""
+    if session.new_created is None:
+        return meta
+    return records.Meta(session.new_created, meta.issued, meta.extra)
