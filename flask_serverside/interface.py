@@ -160,6 +160,8 @@ class ServerSideSessionInterface(SessionInterface):
     def _send_signals(self, app: Flask, session: ServerSideSession, outcome: Outcome) -> None:
         if session.destroyed_sid is not None:
             signals.session_destroyed.send(app, sid=session.destroyed_sid)
+        for handle in session.evicted:
+            signals.session_revoked.send(app, handle=handle, user_id=session.user_id)
         if outcome is not Outcome.CREATED:
             return
         if session.regenerated_from is not None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from . import ids
 from . import record as records
+from . import users
 from .exceptions import BackendUnavailable
 from .exceptions import SessionTooLarge
 from .session import is_empty
@@ -95,6 +96,14 @@ class SessionStore:
     id_bytes: int
     max_bytes: int
     touch_interval: float
+    #: ``SESSION_TRACK_DEVICE``: store the client address and User-Agent
+    #: with a user binding.
+    track_device: bool = True
+    #: ``SESSION_MAX_PER_USER``.
+    max_per_user: int | None = None
+    #: Whether the store may evict live records (Memcached): a bound session
+    #: then loads only while its user's index still lists it.
+    check_index: bool = False
     #: Another store whose sessions are taken over as their users come back;
     #: see :func:`flask_serverside.migrate.adopt_flask_session_files`.
     adopter: Adopter | None = None
@@ -122,8 +131,12 @@ class SessionStore:
 
         :raises BackendUnavailable: The store could not be reached.
         """
-        record = self._call("loading", self.backend.load, self.key(sid))
+        key = self.key(sid)
+        record = self._call("loading", self.backend.load, key)
         loaded = self._decode(record, time.time())
+        if loaded is not None and self.check_index and loaded.meta.user_id is not None:
+            if not self._call("loading", users.indexed, self, loaded.meta, key):
+                return None
         if loaded is None and self.adopter is not None:
             loaded = self._adopt(sid, self.adopter)
         return loaded
@@ -185,19 +198,63 @@ class SessionStore:
         with self._guard("saving"):
             if session.destroyed_sid is not None:
                 self._delete(self.key(session.destroyed_sid))
-            if session.stored is None:
-                return self._create(session, lifetime)
-            raw = self.serializer.dumps(session.data)
-            if raw == session.stored.raw and session.regenerated_from is None:
-                return self._touch(session, session.stored, lifetime)
-            return self._write(session, session.stored, raw, lifetime)
+            user_id = self._moving_user(session)
+            if user_id is None:
+                return self._save(session, lifetime)
+            # The index's section first: no revoke runs between the record's
+            # move and its index entry's.
+            with self.backend.lock(users.index_key(self.prefix, user_id)):
+                outcome = self._save(session, lifetime)
+                if outcome is Outcome.CREATED:
+                    self._index(session, time.time() + lifetime)
+                return outcome
+
+    def _moving_user(self, session: ServerSideSession) -> str | None:
+        """The user whose index this save changes: the one being bound, or
+        the one of a bound session moving to a new ID."""
+        if session.binding is not None:
+            return session.binding["user"]
+        if session.regenerated_from is None or session.stored is None:
+            return None
+        return session.stored.meta.user_id
+
+    def _index(self, session: ServerSideSession, expires: float) -> None:
+        key = self.key(session.sid)
+        if session.binding is None:
+            assert session.stored is not None
+            self.moved(session.stored.meta, key, expires)
+            return
+        meta = records.Meta(extra=session.binding)
+        session.evicted = users.bound(self, meta, key, expires, self.max_per_user)
+
+    def moved(self, meta: records.Meta, new_key: str, expires: float) -> None:
+        """Record that a session moved to a new storage key.
+
+        Call it whenever a record moves to a new key (regenerate, renewal),
+        inside :func:`users.section(self, meta) <.users.section>`, entered
+        before the record's own lock. It points the user's index entry of a
+        bound session at ``new_key`` and keeps the index alive until at
+        least ``expires``; for an unbound session it does nothing.
+
+        .. versionadded:: 0.2
+        """
+        users.moved(self, meta, new_key, expires)
+
+    def _save(self, session: ServerSideSession, lifetime: float) -> Outcome:
+        if session.stored is None:
+            return self._create(session, lifetime)
+        raw = self.serializer.dumps(session.data)
+        if raw == session.stored.raw and session.regenerated_from is None:
+            return self._touch(session, session.stored, lifetime)
+        return self._write(session, session.stored, raw, lifetime)
 
     def _create(self, session: ServerSideSession, lifetime: float) -> Outcome:
-        if is_empty(session.data):
+        if is_empty(session.data) and session.binding is None:
             return Outcome.NOTHING
         raw = self._encode(session.data)
         now = time.time()
-        stored = records.pack(records.Meta(created=now, issued=now), raw)
+        meta = records.Meta(created=now, issued=now, extra=session.binding or {})
+        stored = records.pack(meta, raw)
         self.backend.save(self.key(session.sid), stored, now + lifetime)
         return Outcome.CREATED
 
@@ -205,6 +262,7 @@ class SessionStore:
         now = time.time()
         if now - (stored.expires - lifetime) >= min(self.touch_interval, lifetime / 2):
             self.backend.touch(self.key(session.sid), now + lifetime)
+            users.touched(self, stored.meta, now + lifetime)
         return Outcome.KEPT
 
     def _write(
@@ -229,14 +287,14 @@ class SessionStore:
                 if current is None or merged is None:
                     return Outcome.DROPPED
                 data, raw, meta = merged, self.serializer.dumps(merged), current.meta
-            if is_empty(data):
+            if is_empty(data) and session.binding is None:
                 self.backend.delete(key)
                 return Outcome.EMPTIED
             self._check_size(raw)
             if session.regenerated_from is None:
                 self.backend.save(key, records.pack(meta, raw), now + lifetime)
                 return Outcome.WRITTEN
-            meta = records.Meta(meta.created, now, meta.extra)
+            meta = records.Meta(meta.created, now, session.binding or meta.extra)
             self.backend.save(self.key(session.sid), records.pack(meta, raw), now + lifetime)
             self.backend.delete(key)
             return Outcome.CREATED
@@ -277,6 +335,10 @@ class SessionStore:
             else:
                 merged.pop(key, None)
         return merged
+
+    def users_call(self, action: str, func: Callable[..., T], *args: t.Any) -> T:
+        """Run one of :mod:`.users`' operations on this store."""
+        return self._call(action, func, self, *args)
 
     def get(self, sid: str) -> dict[str, t.Any] | None:
         """The data of a live session, or ``None``."""
