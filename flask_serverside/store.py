@@ -200,7 +200,11 @@ class SessionStore:
                 self._delete(self.key(session.destroyed_sid))
             user_id = self._moving_user(session)
             if user_id is None:
-                return self._save(session, lifetime)
+                outcome = self._save(session, lifetime)
+                if outcome is Outcome.WRITTEN and session.stored is not None:
+                    # A write moves the expiry, as a touch does.
+                    users.touched(self, session.stored.meta, time.time() + lifetime)
+                return outcome
             # The index's section first: no revoke runs between the record's
             # move and its index entry's.
             with self.backend.lock(users.index_key(self.prefix, user_id)):

@@ -306,6 +306,17 @@ class TestUsers:
         expected = 2 if backend_name == "memcached" else 1
         assert dict(app.backend.calls) == {"load": expected}  # type: ignore[attr-defined]
 
+    def test_index_lives_as_long_as_its_sessions(self, app: Flask) -> None:
+        client = login(app, "u")
+        store = app.session_interface.store  # type: ignore[attr-defined]
+        index_key = users.index_key(store.prefix, "u")
+        for value in range(3):
+            time.sleep(0.01)
+            client.get(f"/set/a/{value}")
+            client.get("/whoami")
+            member = store.backend.load(store.key(cookie_sid(client)))
+            assert store.backend.load(index_key).expires >= member.expires
+
     def test_expired_entries_are_cleaned(self, app: Flask) -> None:
         first = login(app, "u")
         login(app, "u")
