@@ -9,6 +9,8 @@ from flask import has_request_context
 from flask import request
 from flask.sessions import SessionMixin
 
+from . import users
+
 if t.TYPE_CHECKING:
     from .serializers import Serializer
     from .store import Loaded
@@ -201,8 +203,6 @@ class ServerSideSession(SessionMixin):
         user = str(user_id)
         if self.user_id == user:
             return
-        from . import users
-
         self.regenerate()
         device = _device() if self._store.track_device else (None, None)
         self.binding = users.binding(user, users.new_handle(user), device)

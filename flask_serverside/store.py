@@ -207,7 +207,7 @@ class SessionStore:
                 return outcome
             # The index's section first: no revoke runs between the record's
             # move and its index entry's.
-            with self.backend.lock(users.index_key(self.prefix, user_id)):
+            with users.section(self, user_id):
                 outcome = self._save(session, lifetime)
                 if outcome is Outcome.CREATED:
                     self._index(session, time.time() + lifetime)
@@ -235,7 +235,7 @@ class SessionStore:
         """Record that a session moved to a new storage key.
 
         Call it whenever a record moves to a new key (regenerate, renewal),
-        inside :func:`users.section(self, meta) <.users.section>`, entered
+        inside :func:`users.section(self, meta.user_id) <.users.section>`, entered
         before the record's own lock. It points the user's index entry of a
         bound session at ``new_key`` and keeps the index alive until at
         least ``expires``; for an unbound session it does nothing.

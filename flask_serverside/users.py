@@ -146,16 +146,17 @@ def _decode(data: bytes) -> dict[str, str]:
     return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
 
 
-def section(store: SessionStore, meta: records.Meta | None) -> AbstractContextManager[None]:
-    """The exclusive section of the index of a bound session's user.
+def section(store: SessionStore, user_id: str | None) -> AbstractContextManager[None]:
+    """The exclusive section of a user's index.
 
-    Enter it before the session's own lock when a bound record moves to a
-    new key, so that no revoke runs between the move and
-    :meth:`.SessionStore.moved`. For an unbound session it does nothing.
+    Enter it before a session's own lock when a bound record moves to a new
+    key, so that no revoke runs between the move and
+    :meth:`.SessionStore.moved`. For ``None`` (an unbound session) it does
+    nothing.
     """
-    if meta is None or meta.user_id is None:
+    if user_id is None:
         return nullcontext()
-    return store.backend.lock(index_key(store.prefix, meta.user_id))
+    return store.backend.lock(index_key(store.prefix, user_id))
 
 
 def moved(store: SessionStore, meta: records.Meta, new_key: str, expires: float) -> None:
