@@ -7,6 +7,7 @@ from .exceptions import SessionTooLarge
 from .extension import ServerSide
 from .interface import ServerSideSessionInterface
 from .session import ServerSideSession
+from .users import SessionInfo
 
 __version__ = "0.1.0.dev0"
 
@@ -15,5 +16,6 @@ __all__ = [
     "ServerSide",
     "ServerSideSession",
     "ServerSideSessionInterface",
+    "SessionInfo",
     "SessionTooLarge",
 ]

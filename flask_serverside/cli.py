@@ -80,6 +80,57 @@ def clear_command() -> None:
     click.echo(f"Removed {_run(_ext().clear)} sessions.")
 
 
+@sessions_cli.command("list")
+@click.option("--user", "user_id", required=True, metavar="ID", help="The user's ID.")
+def list_command(user_id: str) -> None:
+    """List the sessions of a user, newest activity first."""
+    infos = _run(lambda: _ext().sessions_of(user_id))
+    if not infos:
+        click.echo(f"No sessions for user {user_id!r}.")
+        return
+    rows = [("HANDLE", "CREATED", "LAST SEEN", "ADDRESS", "USER AGENT")]
+    for info in infos:
+        rows.append(
+            (
+                info.handle,
+                f"{info.created:%Y-%m-%d %H:%M:%S}",
+                f"{info.last_seen:%Y-%m-%d %H:%M:%S}",
+                info.ip or "-",
+                info.user_agent or "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths)]
+        click.echo("  ".join([*cells, row[4]]))
+
+
+@sessions_cli.command("revoke")
+@click.argument("handle", required=False)
+@click.option("--user", "user_id", metavar="ID", help="End every session of this user.")
+def revoke_command(handle: str | None, user_id: str | None) -> None:
+    """End the session HANDLE (from 'flask sessions list'), or with --user
+    every session of a user."""
+    if (handle is None) == (user_id is None):
+        raise click.UsageError("Give either a HANDLE or --user ID, not both or neither.")
+    if user_id is not None:
+        ended = _run(lambda: _ext().revoke_user(user_id))
+        click.echo(f"Revoked {ended} sessions of user {user_id!r}.")
+        return
+    assert handle is not None
+    from .users import handle_index_key
+
+    if handle_index_key("", handle) is None:
+        raise click.ClickException(
+            f"{handle!r} is not a session handle: copy one from"
+            " 'flask sessions list --user ID'."
+        )
+    if not _run(lambda: _ext().revoke(handle)):
+        click.echo("No such session.", err=True)
+        sys.exit(1)
+    click.echo("Revoked 1 session.")
+
+
 @sessions_cli.command("import-flask-session")
 @click.option(
     "--from",

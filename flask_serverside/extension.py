@@ -8,13 +8,17 @@ import typing as t
 from datetime import timedelta
 
 from flask import current_app
+from flask import has_request_context
 from flask import session
 
 from . import ids
+from . import signals
+from . import users
 from .backends.base import Backend
 from .clocks import Clocks
 from .interface import ServerSideSessionInterface
 from .serializers import get_serializer
+from .session import ServerSideSession
 from .store import SessionStore
 
 if t.TYPE_CHECKING:
@@ -89,6 +93,8 @@ def _defaults(app: Flask) -> dict[str, t.Any]:
         "SESSION_ABSOLUTE_LIFETIME": None,
         "SESSION_RENEWAL_INTERVAL": None,
         "SESSION_RENEWAL_GRACE": 30,
+        "SESSION_TRACK_DEVICE": True,
+        "SESSION_MAX_PER_USER": None,
     }
 
 
@@ -180,12 +186,59 @@ class ServerSide:
         """Remove every session, those still waiting to be adopted included;
         return how many there were.
 
+        Users' indexes are left to expire; their entries of removed sessions
+        are dropped when next read.
+
         :raises NotImplementedError: The store cannot list its keys.
 
         .. versionchanged:: 0.2
             Removes the sessions waiting to be adopted.
         """
         return _store().clear()
+
+    def sessions_of(self, user_id: str | int) -> list[users.SessionInfo]:
+        """The live sessions bound to a user, newest activity first.
+
+        Costs one store read per session of the user, plus one.
+
+        .. versionadded:: 0.2
+        """
+        lifetime = current_app.permanent_session_lifetime.total_seconds()
+        return _store().users_call(
+            "listing", users.sessions_of, str(user_id), lifetime, _current_handle()
+        )
+
+    def revoke(self, handle: str) -> bool:
+        """End the session with this handle (see
+        :class:`~flask_serverside.SessionInfo`); return whether there was one.
+
+        Its cookie no longer loads any data, and a request on it still in
+        flight saves nothing.
+
+        .. versionadded:: 0.2
+        """
+        user_id = _store().users_call("revoking", users.revoke, handle)
+        if user_id is None:
+            return False
+        app = current_app._get_current_object()  # type: ignore[attr-defined]
+        signals.session_revoked.send(app, handle=handle, user_id=user_id)
+        return True
+
+    def revoke_user(self, user_id: str | int, *, except_current: bool = False) -> int:
+        """End every session bound to a user; return how many were ended.
+
+        :param except_current: Keep the session of the request being served
+            (offer it after a password change).
+
+        .. versionadded:: 0.2
+        """
+        user = str(user_id)
+        keep = _current_handle() if except_current else None
+        ended = _store().users_call("revoking", users.revoke_user, user, keep)
+        app = current_app._get_current_object()  # type: ignore[attr-defined]
+        for handle in ended:
+            signals.session_revoked.send(app, handle=handle, user_id=user)
+        return len(ended)
 
     @staticmethod
     def _sid(value: str) -> str | None:
@@ -226,6 +279,9 @@ def _make_interface(config: t.Mapping[str, t.Any]) -> ServerSideSessionInterface
         max_bytes=_integer(config, "SESSION_MAX_BYTES", 1),
         touch_interval=_seconds(config, "SESSION_TOUCH_INTERVAL"),
         clocks=_clocks(config),
+        track_device=_boolean(config, "SESSION_TRACK_DEVICE"),
+        max_per_user=_max_per_user(config),
+        check_index=users.may_evict(backend),
     )
     cleanup = _cleanup_interval(config)
     return ServerSideSessionInterface(
@@ -420,6 +476,19 @@ def _cleanup_interval(config: t.Mapping[str, t.Any]) -> float | None:
     return _seconds(config, "SESSION_CLEANUP_INTERVAL")
 
 
+def _max_per_user(config: t.Mapping[str, t.Any]) -> int | None:
+    if config["SESSION_MAX_PER_USER"] is None:
+        return None
+    return _integer(config, "SESSION_MAX_PER_USER", 1)
+
+
+def _current_handle() -> str | None:
+    """The handle of the session of the request being served, if bound."""
+    if not has_request_context() or not isinstance(session, ServerSideSession):
+        return None
+    return session.handle
+
+
 def _protect_login(app: Flask) -> None:
     """Regenerate the ID on login and destroy the session on logout."""
     try:
@@ -431,8 +500,10 @@ def _protect_login(app: Flask) -> None:
     user_logged_out.connect(_on_logout, sender=app, weak=False)
 
 
-def _on_login(sender: Flask, **kwargs: t.Any) -> None:
+def _on_login(sender: Flask, user: t.Any = None, **kwargs: t.Any) -> None:
     session.regenerate()  # type: ignore[attr-defined]
+    if user is not None:
+        session.bind_user(user.get_id())  # type: ignore[attr-defined]
 
 
 def _on_logout(sender: Flask, **kwargs: t.Any) -> None:

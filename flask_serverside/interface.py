@@ -182,6 +182,8 @@ class ServerSideSessionInterface(SessionInterface):
             signals.session_regenerated.send(app, old_sid=old_sid, sid=sid)
         if session.destroyed_sid is not None and session.destroy_removed:
             signals.session_destroyed.send(app, sid=session.destroyed_sid)
+        for handle in session.evicted:
+            signals.session_revoked.send(app, handle=handle, user_id=session.user_id)
         if outcome is not Outcome.CREATED:
             return
         if session.regenerated_from is not None:

@@ -8,7 +8,11 @@ from collections.abc import Iterator
 from datetime import datetime
 from datetime import timezone
 
+from flask import has_request_context
+from flask import request
 from flask.sessions import SessionMixin
+
+from . import users
 
 if t.TYPE_CHECKING:
     from .serializers import Serializer
@@ -62,6 +66,12 @@ class ServerSideSession(SessionMixin):
         self.accessed = False
         self.load_failed = False
         self.save_attempted = False
+        #: The metadata ``extra`` of a binding made by :meth:`bind_user`
+        #: during this request, written at save time.
+        self.binding: dict[str, str] | None = None
+        #: The handles of sessions that saving this one ended
+        #: (``SESSION_MAX_PER_USER``).
+        self.evicted: list[str] = []
 
     @property
     def sid(self) -> str:
@@ -201,6 +211,56 @@ class ServerSideSession(SessionMixin):
         self.new_created = time.time()
         self.modified = True
 
+    @property
+    def user_id(self) -> str | None:
+        """The user this session is bound to, or ``None``.
+
+        .. versionadded:: 0.2
+        """
+        if self.binding is not None:
+            return self.binding["user"]
+        return self._stored_extra("user")
+
+    @property
+    def handle(self) -> str | None:
+        """The opaque handle of a bound session (see
+        :class:`~flask_serverside.SessionInfo`), or ``None``.
+
+        .. versionadded:: 0.2
+        """
+        if self.binding is not None:
+            return self.binding["handle"]
+        return self._stored_extra("handle")
+
+    def _stored_extra(self, name: str) -> str | None:
+        self.data  # noqa: B018 - the binding is stored with the data.
+        return None if self.stored is None else self.stored.meta.extra.get(name)
+
+    def bind_user(self, user_id: str | int) -> None:
+        """Tie the session to a user, so that it is listed by
+        :meth:`.ServerSide.sessions_of` and ended by :meth:`.ServerSide.revoke_user`.
+
+        Binding to a different user than before gives the session a new ID,
+        as :meth:`regenerate` does. With ``SESSION_TRACK_DEVICE``, the client
+        address and User-Agent of this request are stored with the binding.
+
+        :param user_id: The user's ID, stored as a string.
+
+        .. versionadded:: 0.2
+        """
+        if isinstance(user_id, bool) or not isinstance(user_id, (str, int)):
+            raise TypeError(
+                f"bind_user({user_id!r}): a user ID is a str or an int; pass"
+                " the ID your user loader takes, such as user.get_id()."
+            )
+        user = str(user_id)
+        if self.user_id == user:
+            return
+        self.regenerate()
+        self._restart_clock()
+        device = _device() if self._store.track_device else (None, None)
+        self.binding = users.binding(user, users.new_handle(user), device)
+
     def destroy(self) -> None:
         """Remove the data, the stored record and the cookie (logout).
 
@@ -212,6 +272,7 @@ class ServerSideSession(SessionMixin):
         self._data = {}
         self._written.clear()
         self.stored = None
+        self.binding = None
         self.new = True
         self._sid = None
         self.regenerated_from = None
@@ -240,6 +301,13 @@ class ServerSideSession(SessionMixin):
             ):
                 changed.add(key)
         return changed
+
+
+def _device() -> tuple[str | None, str | None]:
+    """The client address and User-Agent of the request being served."""
+    if not has_request_context():
+        return None, None
+    return request.remote_addr, request.user_agent.string or None
 
 
 def is_empty(data: t.Mapping[str, t.Any]) -> bool:

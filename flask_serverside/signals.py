@@ -18,3 +18,10 @@ session_regenerated = _signals.signal("session-regenerated")
 #: A session's record was removed by :meth:`~.ServerSideSession.destroy`.
 #: Sent with ``sid``.
 session_destroyed = _signals.signal("session-destroyed")
+
+#: A user's session was ended by :meth:`.ServerSide.revoke`,
+#: :meth:`.ServerSide.revoke_user` or ``SESSION_MAX_PER_USER``. Sent once per
+#: session, with ``handle`` and ``user_id``.
+#:
+#: .. versionadded:: 0.2
+session_revoked = _signals.signal("session-revoked")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from . import clocks as clock
 from . import ids
 from . import record as records
+from . import users
 from .exceptions import BackendUnavailable
 from .exceptions import SessionTooLarge
 from .session import is_empty
@@ -121,6 +122,14 @@ class SessionStore:
     max_bytes: int
     touch_interval: float
     clocks: clock.Clocks | None = None
+    #: ``SESSION_TRACK_DEVICE``: store the client address and User-Agent
+    #: with a user binding.
+    track_device: bool = True
+    #: ``SESSION_MAX_PER_USER``.
+    max_per_user: int | None = None
+    #: Whether the store may evict live records (Memcached): a bound session
+    #: then loads only while its user's index still lists it.
+    check_index: bool = False
     #: Another store whose sessions are taken over as their users come back;
     #: see :func:`flask_serverside.migrate.adopt_flask_session_files`.
     adopter: Adopter | None = None
@@ -156,12 +165,17 @@ class SessionStore:
             must not).
         :raises BackendUnavailable: The store could not be reached.
         """
-        record = self._call("loading", self.backend.load, self.key(sid))
+        key = self.key(sid)
+        record = self._call("loading", self.backend.load, key)
         if self.clocks is None:
             loaded = self._decode(record, time.time())
         else:
             with self._guard("loading"):
                 loaded = self._clocked(sid, record, self.clocks, renew)
+        if loaded is not None and self.check_index and loaded.meta.user_id is not None:
+            key = key if loaded.sid is None else self.key(loaded.sid)
+            if not self._call("loading", users.indexed, self, loaded.meta, key):
+                return None
         if loaded is None and self.adopter is not None:
             loaded = self._adopt(sid, self.adopter)
         return loaded
@@ -243,7 +257,7 @@ class SessionStore:
             self._end(self.key(sid), clocks)
             return None
         if renew and clocks.renewal_due(loaded.meta, now):
-            return self._renew(sid, clocks)
+            return self._renew(sid, clocks, loaded.meta.user_id)
         return loaded
 
     def _end(self, key: str, clocks: clock.Clocks) -> None:
@@ -276,11 +290,12 @@ class SessionStore:
             return None
         return clock.unseal(pointer.extra[clock.RENEWED], sid)
 
-    def _renew(self, sid: str, clocks: clock.Clocks) -> Loaded | None:
+    def _renew(self, sid: str, clocks: clock.Clocks, user_id: str | None) -> Loaded | None:
         """Move a session whose renewal is due to a new ID, once: requests
-        that arrive meanwhile find the pointer under the lock and follow it."""
+        that arrive meanwhile find the pointer under the lock and follow it.
+        A bound session's index is locked first, as for any move."""
         key = self.key(sid)
-        with self.backend.lock(key):
+        with users.section(self, user_id), self.backend.lock(key):
             record = self.backend.load(key)
             now = time.time()
             meta = self._peek(record, now)
@@ -301,6 +316,7 @@ class SessionStore:
         meta = records.Meta(loaded.meta.created, now, dict(loaded.meta.extra))
         stored = records.pack(meta, loaded.raw)
         self.backend.save(self.key(new_sid), stored, loaded.expires)
+        self.moved(meta, self.key(new_sid), loaded.expires)
         if clocks.grace > 0:
             sealed = {clock.RENEWED: clock.seal(new_sid, old_sid)}
             pointer = records.pack(records.Meta(loaded.meta.created, now, sealed), b"")
@@ -361,25 +377,73 @@ class SessionStore:
         with self._guard("saving"):
             if session.destroyed_sid is not None:
                 session.destroy_removed = self._delete(self.key(session.destroyed_sid))
-            if session.stored is None:
-                return self._create(session, lifetime)
-            if self.clocks is not None and self._ended(session, self.clocks):
-                return Outcome.DROPPED
-            raw = self.serializer.dumps(session.data)
-            if (
-                raw == session.stored.raw
-                and session.regenerated_from is None
-                and session.new_created is None
-            ):
-                return self._touch(session, session.stored, lifetime)
-            return self._write(session, session.stored, raw, lifetime)
+            user_id = self._moving_user(session)
+            if user_id is None:
+                outcome = self._save(session, lifetime)
+                if outcome is Outcome.WRITTEN and session.stored is not None:
+                    # A write moves the expiry, as a touch does.
+                    users.touched(self, session.stored.meta, time.time() + lifetime)
+                return outcome
+            # The index's section first: no revoke runs between the record's
+            # move and its index entry's.
+            with users.section(self, user_id):
+                outcome = self._save(session, lifetime)
+                if outcome is Outcome.CREATED:
+                    self._index(session, time.time() + lifetime)
+                return outcome
+
+    def _moving_user(self, session: ServerSideSession) -> str | None:
+        """The user whose index this save changes: the one being bound, or
+        the one of a bound session moving to a new ID."""
+        if session.binding is not None:
+            return session.binding["user"]
+        if session.regenerated_from is None or session.stored is None:
+            return None
+        return session.stored.meta.user_id
+
+    def _index(self, session: ServerSideSession, expires: float) -> None:
+        key = self.key(session.sid)
+        if session.binding is None:
+            assert session.stored is not None
+            self.moved(session.stored.meta, key, expires)
+            return
+        meta = records.Meta(extra=session.binding)
+        session.evicted = users.bound(self, meta, key, expires, self.max_per_user)
+
+    def moved(self, meta: records.Meta, new_key: str, expires: float) -> None:
+        """Record that a session moved to a new storage key.
+
+        Call it whenever a record moves to a new key (regenerate, renewal),
+        inside :func:`users.section(self, meta.user_id) <.users.section>`, entered
+        before the record's own lock. It points the user's index entry of a
+        bound session at ``new_key`` and keeps the index alive until at
+        least ``expires``; for an unbound session it does nothing.
+
+        .. versionadded:: 0.2
+        """
+        users.moved(self, meta, new_key, expires)
+
+    def _save(self, session: ServerSideSession, lifetime: float) -> Outcome:
+        if session.stored is None:
+            return self._create(session, lifetime)
+        if self.clocks is not None and self._ended(session, self.clocks):
+            return Outcome.DROPPED
+        raw = self.serializer.dumps(session.data)
+        if (
+            raw == session.stored.raw
+            and session.regenerated_from is None
+            and session.new_created is None
+        ):
+            return self._touch(session, session.stored, lifetime)
+        return self._write(session, session.stored, raw, lifetime)
 
     def _create(self, session: ServerSideSession, lifetime: float) -> Outcome:
-        if is_empty(session.data):
+        if is_empty(session.data) and session.binding is None:
             return Outcome.NOTHING
         raw = self._encode(session.data)
         now = time.time()
-        stored = records.pack(records.Meta(created=now, issued=now), raw)
+        meta = records.Meta(created=now, issued=now, extra=session.binding or {})
+        stored = records.pack(meta, raw)
         self.backend.save(self.key(session.sid), stored, now + lifetime)
         return Outcome.CREATED
 
@@ -404,8 +468,10 @@ class SessionStore:
             return Outcome.DROPPED
         due = now - (stored.expires - lifetime) >= min(self.touch_interval, lifetime / 2)
         slow = time.monotonic() - session.loaded_at > CONFIRM_AFTER
-        if (due or slow) and not self.backend.touch(self.key(session.sid), now + lifetime):
-            return Outcome.DROPPED
+        if due or slow:
+            if not self.backend.touch(self.key(session.sid), now + lifetime):
+                return Outcome.DROPPED
+            users.touched(self, stored.meta, now + lifetime)
         return Outcome.KEPT
 
     def _write(
@@ -459,7 +525,7 @@ class SessionStore:
             if current is None or merged is None:
                 return Outcome.DROPPED
             data, raw, meta = merged, self.serializer.dumps(merged), current.meta
-        if is_empty(data):
+        if is_empty(data) and session.binding is None:
             self.backend.delete(key)
             return Outcome.EMPTIED
         self._check_size(raw)
@@ -467,7 +533,7 @@ class SessionStore:
         if session.regenerated_from is None:
             self.backend.save(key, records.pack(meta, raw), now + lifetime)
             return Outcome.WRITTEN
-        meta = records.Meta(meta.created, now, meta.extra)
+        meta = records.Meta(meta.created, now, session.binding or meta.extra)
         self.backend.save(self.key(session.sid), records.pack(meta, raw), now + lifetime)
         self.backend.delete(key)
         return Outcome.CREATED
@@ -508,6 +574,10 @@ class SessionStore:
             else:
                 merged.pop(key, None)
         return merged
+
+    def users_call(self, action: str, func: Callable[..., T], *args: t.Any) -> T:
+        """Run one of :mod:`.users`' operations on this store."""
+        return self._call(action, func, self, *args)
 
     def get(self, sid: str) -> dict[str, t.Any] | None:
         """The data of a live session, or ``None``."""

@@ -46,10 +46,9 @@ def add_clock_routes(app: Flask) -> None:
         value = session.created  # type: ignore[attr-defined]
         return "none" if value is None else value.isoformat()
 
-    @app.get("/rebind")
-    def rebind() -> str:
-        session.regenerate()  # type: ignore[attr-defined]
-        session._restart_clock()  # type: ignore[attr-defined]
+    @app.get("/bind/<user>")
+    def bind(user: str) -> str:
+        session.bind_user(user)  # type: ignore[attr-defined]
         return "ok"
 
 
@@ -118,9 +117,13 @@ class TestClocks:
         time.sleep(0.05)
         client.get("/regenerate")
         assert client.get("/created").text == created
-        client.get("/rebind")
-        assert client.get("/created").text > created
+        client.get("/bind/alice")
+        bound = client.get("/created").text
+        assert bound > created
         assert client.get("/get/a").json == "1"
+        time.sleep(0.05)
+        client.get("/bind/bob")
+        assert client.get("/created").text > bound
 
     def test_absolute_lifetime_ends_an_active_session(
         self, clock_app: t.Callable[..., Flask]
@@ -200,6 +203,28 @@ class TestClocks:
         assert client_with(app, old).get("/get/a").json is None
         assert stored(app, old) is None
         assert client.get("/dump").json == {"a": "1", "b": "2"}
+
+    def test_renewal_keeps_the_binding_and_the_users_list(
+        self, clock_app: t.Callable[..., Flask]
+    ) -> None:
+        app = clock_app(SESSION_RENEWAL_INTERVAL=0.3, SESSION_RENEWAL_GRACE=30)
+        client = app.test_client()
+        start_session(client, a="1")
+        client.get("/bind/alice")
+        with app.app_context():
+            [before] = app.extensions["serverside"].sessions_of("alice")
+        old = cookie_sid(client)
+        time.sleep(0.4)
+        assert client.get("/get/a").json == "1"
+        new = cookie_sid(client)
+        assert new != old
+        with app.app_context():
+            ext = app.extensions["serverside"]
+            [after] = ext.sessions_of("alice")
+            assert after.handle == before.handle and after.created == before.created
+            assert ext.revoke(after.handle) is True
+        assert client.get("/get/a").json is None
+        assert client_with(app, old).get("/get/a").json is None
 
     def test_deleting_a_renewed_id_ends_the_session(
         self, clock_app: t.Callable[..., Flask]

@@ -18,6 +18,9 @@ class DelegatingBackend(Backend):
         self.inner = inner
         self.unavailable_errors = inner.unavailable_errors
         self.native_expiry = inner.native_expiry
+        #: The cachelib cache behind a CacheLibBackend: whether it may evict
+        #: records is read from it (flask_serverside.users.may_evict).
+        self.cache = getattr(inner, "cache", None)
 
     def load(self, key: str) -> Record | None:
         return self.inner.load(key)

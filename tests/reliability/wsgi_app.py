@@ -88,6 +88,20 @@ def create_app() -> Flask:
         session.destroy()  # type: ignore[attr-defined]
         return jsonify(pid=os.getpid())
 
+    @app.get("/login/<user>")
+    def login(user: str) -> ResponseReturnValue:
+        session["user"] = user
+        session.bind_user(user)  # type: ignore[attr-defined]
+        return jsonify(pid=os.getpid())
+
+    @app.get("/revoke-user/<user>")
+    def revoke_user(user: str) -> ResponseReturnValue:
+        return jsonify(app.extensions["serverside"].revoke_user(user))
+
+    @app.get("/sessions-of/<user>")
+    def sessions_of(user: str) -> ResponseReturnValue:
+        return jsonify(len(app.extensions["serverside"].sessions_of(user)))
+
     @app.get("/exists/<sid>")
     def exists(sid: str) -> ResponseReturnValue:
         return jsonify(app.extensions["serverside"].get(sid) is not None)
