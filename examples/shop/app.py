@@ -95,6 +95,11 @@ def utc(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+CSRF_ERROR = (
+    "This form has expired or did not come from this shop: reload the page and try again."
+)
+
+
 def csrf_token() -> str:
     """This session's token for its forms; created on first use."""
     token: str = session.setdefault("csrf", secrets.token_urlsafe(32))
@@ -106,7 +111,7 @@ def check_csrf() -> None:
     token = session.get("csrf")
     sent = request.form.get("csrf", "")
     if not token or not hmac.compare_digest(token, sent):
-        abort(400, "This form has expired or did not come from this shop: reload the page and try again.")
+        abort(400, CSRF_ERROR)
 
 
 def logged_in_user() -> str:
