@@ -6,6 +6,8 @@ Run it from the repository root::
 
 Sessions are files under ``examples/shop/instance/sessions``; the browser
 only holds a random session ID, so a restart of the server keeps the carts.
+Logging in binds the session to the user, and *Devices* lists the user's
+sessions, to end one or all the others.
 """
 
 from __future__ import annotations
