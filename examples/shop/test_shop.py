@@ -43,12 +43,14 @@ def sid_of(client: FlaskClient) -> str | None:
 
 
 def session_files(instance: t.Any) -> list[str]:
-    """The record files under the instance folder (not locks or temp files)."""
+    """The session record files under the instance folder (not locks, temp
+    files or the users' indexes of their sessions).
+    """
     return [
         name
         for _, _, names in os.walk(os.path.join(str(instance), "sessions"))
         for name in names
-        if not name.startswith(".")
+        if not name.startswith(".") and "user%3A" not in name
     ]
 
 
@@ -241,7 +243,7 @@ def test_session_page_shows_both_sides(tmp_path: t.Any, client: FlaskClient) -> 
         os.path.join(root, name)
         for root, _, names in os.walk(tmp_path / "sessions")
         for name in names
-        if not name.startswith(".")
+        if not name.startswith(".") and "user%3A" not in name
     ]
     digest = os.path.basename(path)[-64:]
     assert f"session:{digest[:12]}…{digest[-4:]}" in server  # the storage key
@@ -272,3 +274,227 @@ def test_session_page_with_a_store_that_is_not_files(tmp_path: t.Any) -> None:
     assert "<code>CacheLibBackend</code>" in server
     assert "session:" in server and "bytes serialized" in server
     assert "File</dt>" not in server and "on disk" not in server
+
+
+# -- Your devices -------------------------------------------------------------
+
+FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
+CHROME = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36"
+    " (KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36"
+)
+SAFARI = (
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15"
+    " (KHTML, like Gecko) Version/17.5 Mobile/15E148 Safari/604.1"
+)
+ROW = re.compile(r'<tr class="device( current)?">(.*?)</tr>', re.S)
+
+
+def logged_in(app: Flask, name: str, user_agent: str) -> FlaskClient:
+    """A new browser, logged in as ``name``."""
+    client = app.test_client()
+    client.environ_base["HTTP_USER_AGENT"] = user_agent
+    assert client.post("/login", data={"username": name}).status_code == 302
+    return client
+
+
+def devices(client: FlaskClient) -> list[tuple[bool, str]]:
+    """The rows of the devices page: (this device?, row HTML)."""
+    response = client.get("/devices")
+    assert response.status_code == 200, response.text
+    return [(bool(current), row) for current, row in ROW.findall(response.text)]
+
+
+def form_field(row: str, name: str) -> str:
+    match = re.search(rf'name="{name}" value="([^"]+)"', row)
+    assert match is not None, row
+    return match.group(1)
+
+
+def csrf_of(client: FlaskClient) -> str:
+    match = re.search(r'name="csrf" value="([^"]+)"', client.get("/devices").text)
+    assert match is not None
+    return match.group(1)
+
+
+def is_logged_in(client: FlaskClient, name: str) -> bool:
+    return f"Hi, {name}" in client.get("/").text
+
+
+def test_devices_page_lists_both_and_ends_the_other(app: Flask) -> None:
+    first = logged_in(app, "ada", FIREFOX)
+    second = logged_in(app, "ada", CHROME)
+    logged_in(app, "bob", SAFARI)  # another user's session is not listed
+
+    rows = devices(first)
+    assert len(rows) == 2
+    assert [current for current, _ in rows] == [True, False]
+    current, other = rows[0][1], rows[1][1]
+    assert "Firefox on Linux" in current and "this device" in current
+    assert "Chrome on Windows" in other and "this device" not in other
+    assert "127.0.0.1" in other
+    assert "just now" in other
+    assert re.search(r'title="\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC"', other)
+    assert "Log out everywhere else" in first.get("/devices").text
+    # The handle is never the session ID.
+    assert sid_of(second) not in first.get("/devices").text
+
+    response = first.post(
+        "/devices/end",
+        data={"handle": form_field(other, "handle"), "csrf": form_field(other, "csrf")},
+        follow_redirects=True,
+    )
+    assert response.status_code == 200
+    assert "Ended the session of Chrome on Windows." in response.text
+    assert [current for current, _ in devices(first)] == [True]
+
+    # The second browser is logged out on its next request, its cookie gone.
+    page = second.get("/").text
+    assert "You are not logged in" in page
+    assert sid_of(second) is None
+    assert second.get("/devices").status_code == 302
+    assert is_logged_in(first, "ada")
+
+
+def test_log_out_everywhere_else(app: Flask) -> None:
+    first = logged_in(app, "ada", FIREFOX)
+    others = [logged_in(app, "ada", CHROME), logged_in(app, "ada", SAFARI)]
+    bob = logged_in(app, "bob", CHROME)
+    assert len(devices(first)) == 3
+
+    response = first.post(
+        "/devices/end-others", data={"csrf": csrf_of(first)}, follow_redirects=True
+    )
+    assert "Logged out everywhere else: ended 2 sessions." in response.text
+    assert "You are logged in on this device only." in response.text
+    assert [current for current, _ in devices(first)] == [True]
+    for other in others:
+        assert not is_logged_in(other, "ada")
+        assert sid_of(other) is None
+    assert is_logged_in(first, "ada")
+    assert is_logged_in(bob, "bob")
+
+
+def test_ending_an_unknown_or_foreign_session_ends_nothing(app: Flask) -> None:
+    first = logged_in(app, "ada", FIREFOX)
+    second = logged_in(app, "ada", CHROME)
+    bob = logged_in(app, "bob", SAFARI)
+    csrf = csrf_of(first)
+    (bobs,) = _sessions_of(app, "bob")
+    ada_handle = _sessions_of(app, "ada")[0].handle
+
+    forged = [
+        "forged",
+        "",
+        bobs.handle,  # real, but another user's
+        ada_handle[:-1] + ("A" if ada_handle[-1] != "A" else "B"),  # tampered
+        "x" * 22 + ada_handle[22:],  # right user, made-up token
+    ]
+    for handle in forged:
+        response = first.post("/devices/end", data={"handle": handle, "csrf": csrf})
+        assert response.status_code == 404, handle
+        assert "That session is not one of yours, or it has already ended." in response.text
+
+    assert len(devices(first)) == 2
+    assert is_logged_in(second, "ada")
+    assert is_logged_in(bob, "bob")
+
+
+def _sessions_of(app: Flask, user: str) -> list[t.Any]:
+    with app.app_context():
+        return list(app.extensions["serverside"].sessions_of(user))
+
+
+def test_devices_forms_need_the_sessions_csrf_token(app: Flask) -> None:
+    first = logged_in(app, "ada", FIREFOX)
+    second = logged_in(app, "ada", CHROME)
+    _, (_, other) = devices(first)
+    handle = form_field(other, "handle")
+    second_csrf = csrf_of(second)  # a real token, of another session
+
+    for data in ({"handle": handle}, {"handle": handle, "csrf": second_csrf}):
+        response = first.post("/devices/end", data=data)
+        assert response.status_code == 400
+        assert "reload the page and try again" in response.text
+    for data in ({}, {"csrf": "x"}, {"csrf": second_csrf}):
+        assert first.post("/devices/end-others", data=data).status_code == 400
+    assert is_logged_in(second, "ada")
+    assert len(devices(first)) == 2
+
+
+def test_devices_page_requires_login(client: FlaskClient, tmp_path: t.Any) -> None:
+    response = client.get("/devices")
+    assert response.status_code == 302
+    assert response.headers["Location"] == "/login"
+    for url in ("/devices/end", "/devices/end-others"):
+        response = client.post(url, data={"handle": "x", "csrf": "x"})
+        assert response.status_code == 302
+        assert response.headers["Location"] == "/login"
+    assert "Devices" not in client.get("/").text
+    assert sid_of(client) is None
+    assert session_files(tmp_path) == []
+
+
+def test_nav_links_the_devices_page_when_logged_in(app: Flask) -> None:
+    client = logged_in(app, "ada", FIREFOX)
+    assert '<a href="/devices">Devices</a>' in client.get("/").text
+
+
+def test_login_binds_the_session_to_the_user(app: Flask) -> None:
+    client = logged_in(app, "ada", FIREFOX)
+    (info,) = _sessions_of(app, "ada")
+    assert info.user_agent == FIREFOX
+    assert info.ip == "127.0.0.1"
+    assert sid_of(client) not in info.handle
+
+
+@pytest.mark.parametrize(
+    ("user_agent", "name"),
+    [
+        (FIREFOX, "Firefox on Linux"),
+        (CHROME, "Chrome on Windows"),
+        (SAFARI, "Safari on iOS"),
+        (
+            "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML,"
+            " like Gecko) Chrome/126.0.0.0 Safari/537.36 Edg/126.0.2592.87",
+            "Edge on macOS",
+        ),
+        (
+            "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like"
+            " Gecko) Chrome/126.0.0.0 Mobile Safari/537.36",
+            "Chrome on Android",
+        ),
+        (
+            "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko)"
+            " HeadlessChrome/126.0.0.0 Safari/537.36",
+            "Headless Chrome on Linux",
+        ),
+        ("curl/8.5.0", "curl"),
+        ("python-requests/2.32.3", "python-requests"),
+        (None, "Unknown browser"),
+        ("", "Unknown browser"),
+    ],
+)
+def test_browser_name(user_agent: str | None, name: str) -> None:
+    assert shop.browser_name(user_agent) == name
+
+
+@pytest.mark.parametrize(
+    ("seconds", "words"),
+    [
+        (0, "just now"),
+        (59, "just now"),
+        (60, "1 minute ago"),
+        (150, "2 minutes ago"),
+        (3600, "1 hour ago"),
+        (7199, "1 hour ago"),
+        (86400 * 3 + 5, "3 days ago"),
+    ],
+)
+def test_time_ago(seconds: int, words: str) -> None:
+    from datetime import datetime
+    from datetime import timedelta
+    from datetime import timezone
+
+    now = datetime(2026, 5, 3, 17, 40, 11, tzinfo=timezone.utc)
+    assert shop.time_ago(now - timedelta(seconds=seconds), now) == words
