@@ -464,7 +464,8 @@ def _memcached_measure(port: int) -> Measure:
             f"class {cls}: chunk {s['chunk_size']} B x {s['used_chunks']:,}"
             for cls, s in sorted(used.items(), key=lambda kv: int(kv[0]))
         )
-        return stats["bytes"], chunks, note or "no slab in use"
+        note = f"{note or 'no slab in use'}; {stats.get('evictions', 0):,} evicted"
+        return stats["bytes"], chunks, note
 
     return measure
 
@@ -535,9 +536,10 @@ def main() -> None:
                 found, lines = run_store(store, tmp, sizes, datas, writer)
                 results += found
                 cleanups += lines
+            # Before the temporary directory goes: removing 10^5 files takes a while.
+            report(results, cleanups, started)
     finally:
         writer.close()
-    report(results, cleanups, started)
 
 
 if __name__ == "__main__":
