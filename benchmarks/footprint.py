@@ -24,9 +24,10 @@ holds only them and once next to the 10^5 live small sessions (which a
 filesystem cleanup has to read as well), for the filesystem, SQLite and
 PostgreSQL (Redis and Memcached expire records themselves).
 
-Run it from the repository root: ``python benchmarks/footprint.py``
-(it writes 4 x 10^5 sessions: 17 minutes on a loaded 2-CPU machine); ``--sizes 1000,10000`` for a quick
-look, ``--stores redis,memcached`` for a subset.
+Run it from the repository root: ``python benchmarks/footprint.py`` (it
+writes 4 x 10^5 sessions: 17 minutes on a loaded 2-CPU machine);
+``--sizes 1000,10000`` for a quick look, ``--stores redis,memcached`` for
+a subset.
 """
 
 from __future__ import annotations
