@@ -339,8 +339,8 @@ def _sqlalchemy_backend(config: t.Mapping[str, t.Any]) -> Backend:
 def _cachelib_backend(config: t.Mapping[str, t.Any]) -> Backend:
     from cachelib import BaseCache
 
-    from .backends.cachelib import cache_from_url
-    from .backends.cachelib import CacheLibBackend
+    from .backends.cachelib import backend_for_cache
+    from .config import cache_from_url
 
     cache = config["SESSION_CACHELIB"]
     if isinstance(cache, str):
@@ -352,7 +352,7 @@ def _cachelib_backend(config: t.Mapping[str, t.Any]) -> Backend:
             " 'redis://localhost:6379/0', 'memcached://localhost:11211' or"
             " 'simple://'."
         )
-    return CacheLibBackend(cache)
+    return backend_for_cache(cache)
 
 
 def _boolean(config: t.Mapping[str, t.Any], key: str) -> bool:
