@@ -208,6 +208,11 @@ def glob_escape(text: str) -> str:
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
+def utc_now() -> datetime:
+    """The current time as an aware UTC datetime."""
+    return datetime.now(timezone.utc)
+
+
 def utc_datetime(timestamp: float) -> datetime:
     """A Unix timestamp as an aware UTC datetime."""
     return datetime.fromtimestamp(timestamp, timezone.utc)
