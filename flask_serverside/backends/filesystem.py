@@ -85,11 +85,12 @@ class FileSystemBackend(Backend):
 
     def configure(self, prefix: str) -> None:
         name = _escape(prefix)
-        if len(name.encode()) + DIGEST_LENGTH > _NAME_MAX:
+        length = len(name.encode()) + DIGEST_LENGTH
+        if length > _NAME_MAX:
             raise ValueError(
                 f"SESSION_KEY_PREFIX={prefix!r} is too long for the filesystem backend:"
                 f" escaped for a file name ({name!r}) it makes names of"
-                f" {len(name.encode()) + DIGEST_LENGTH} bytes, over the limit of {_NAME_MAX}. Use at"
+                f" {length} bytes, over the limit of {_NAME_MAX}. Use at"
                 f" most {_NAME_MAX - DIGEST_LENGTH} bytes once escaped (characters other than"
                 " letters, digits and '_.-~' take three)."
             )
