@@ -590,6 +590,17 @@ def test_unpickling_memcached_clients_are_refused_at_init_app(
     pickle flag; init_app refuses a MemcachedCache on them, and says what
     to use instead."""
     client = _unpickling_client(library, memcached_server)
+    try:
+        _check_refused(client, plain_memcached, prefix, tmp_path)
+    finally:
+        # Its socket would otherwise be closed by the garbage collector,
+        # with a ResourceWarning in whichever test runs then.
+        client.disconnect_all()
+
+
+def _check_refused(
+    client: t.Any, plain_memcached: MemcacheClient, prefix: str, tmp_path: pathlib.Path
+) -> None:
     marker = tmp_path / "executed"
     # Why: anyone who can write to Memcached runs code in the app.
     plain_memcached.set(key(prefix, "probe"), pickle.dumps(_Plant(marker)), 100, flags=1)
