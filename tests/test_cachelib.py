@@ -29,12 +29,12 @@ from pymemcache import HashClient  # type: ignore[import-untyped]
 from pymemcache import PooledClient
 from pymemcache.client.base import Client as MemcacheClient  # type: ignore[import-untyped]
 
-from flask_serverside import config
+from flask_serverside import cache_url
 from flask_serverside import ServerSide
 from flask_serverside.backends import caches
 from flask_serverside.backends import redis as redis_module
 from flask_serverside.backends.cachelib import CacheLibBackend
-from flask_serverside.config import cache_from_url
+from flask_serverside.cache_url import cache_from_url
 from tests.servers import free_port
 from tests.servers import memcached as memcached_servers
 from tests.servers import redis as redis_servers
@@ -480,7 +480,7 @@ def test_redis_replace_run_late_writes_nothing(make: Make, prefix: str) -> None:
     that froze and runs it after the request gave up leaves the record."""
     backend = make("redis")
     store = backend
-    assert store._replace_window == config.SOCKET_TIMEOUT / 2  # type: ignore[attr-defined]
+    assert store._replace_window == cache_url.SOCKET_TIMEOUT / 2  # type: ignore[attr-defined]
     k = key(prefix)
     backend.save(k, b"old", time.time() + 60)
     store._replace_window = -1.0  # type: ignore[attr-defined]
@@ -714,7 +714,7 @@ def test_frozen_server_times_out(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     server: Server = request.getfixturevalue(f"{kind}_server")
-    monkeypatch.setattr(config, "SOCKET_TIMEOUT", 0.3)
+    monkeypatch.setattr(cache_url, "SOCKET_TIMEOUT", 0.3)
     backend = make(kind)
     backend.save(key(prefix), b"x", time.time() + 100)
     server.pause()

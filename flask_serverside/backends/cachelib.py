@@ -191,7 +191,7 @@ class CacheLibBackend(CacheBackend):
 def __getattr__(name: str) -> t.Any:
     # cache_from_url parses a config value, so it moved to the config layer.
     if name == "cache_from_url":
-        from ..config import cache_from_url
+        from ..cache_url import cache_from_url
 
         return cache_from_url
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
