@@ -141,13 +141,13 @@ def read(app: Flask) -> Settings:
 
 
 def _key_prefix(config: t.Mapping[str, t.Any]) -> str:
-    prefix = config["SESSION_KEY_PREFIX"]
-    if not isinstance(prefix, str) or not _PREFIX_RE.fullmatch(prefix):
-        raise ValueError(
-            f"SESSION_KEY_PREFIX={prefix!r} is not allowed: use 1 to 100"
-            " printable ASCII characters without spaces, such as 'session:'."
-        )
-    return prefix
+    return _matching(
+        config,
+        "SESSION_KEY_PREFIX",
+        _PREFIX_RE,
+        "is not allowed: use 1 to 100 printable ASCII characters without spaces,"
+        " such as 'session:'",
+    )
 
 
 def _choose_backend(config: dict[str, t.Any], defaults: dict[str, t.Any]) -> None:
@@ -227,12 +227,12 @@ def _sqlalchemy_backend(config: t.Mapping[str, t.Any]) -> Backend:
 
     from .backends.sqlalchemy import SQLAlchemyBackend
 
-    table = config["SESSION_SQLALCHEMY_TABLE"]
-    if not isinstance(table, str) or not _TABLE_RE.fullmatch(table):
-        raise ValueError(
-            f"SESSION_SQLALCHEMY_TABLE={table!r} is not a table name: use"
-            " letters, digits and underscores, starting with a letter."
-        )
+    table = _matching(
+        config,
+        "SESSION_SQLALCHEMY_TABLE",
+        _TABLE_RE,
+        "is not a table name: use letters, digits and underscores, starting with a letter",
+    )
     create = _boolean(config, "SESSION_SQLALCHEMY_CREATE_TABLE")
     engine = config["SESSION_SQLALCHEMY_ENGINE"]
     if engine is not None:
@@ -271,6 +271,19 @@ def _cachelib_backend(config: t.Mapping[str, t.Any]) -> Backend:
             " 'simple://'."
         )
     return backend_for_cache(cache)
+
+
+def _matching(
+    config: t.Mapping[str, t.Any], key: str, pattern: re.Pattern[str], advice: str
+) -> str:
+    """The string value of ``key`` if ``pattern`` matches all of it.
+
+    :param advice: What is wrong and what to use, after the key and value.
+    """
+    value = config[key]
+    if isinstance(value, str) and pattern.fullmatch(value):
+        return value
+    raise ValueError(f"{key}={value!r} {advice}.")
 
 
 def _boolean(config: t.Mapping[str, t.Any], key: str) -> bool:
