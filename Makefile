@@ -9,7 +9,7 @@ STAMP_DIST := $(VENV)/.installed-dist
 # A clean environment that gets only the built wheel (see `dist`).
 WHEEL_VENV := build/wheel-venv
 # The lowest cachelib that setup.cfg accepts, tested in a venv of its own.
-CACHELIB_LOWEST := 0.13.0
+CACHELIB_LOWEST := 0.15.0
 LOWEST_VENV := build/cachelib-lowest-venv
 # `pip -qq` shows errors only: no setuptools banner about editable installs.
 PIP := $(BIN)/python -m pip install -qq
@@ -54,7 +54,7 @@ test: lint docs dist
 test-cachelib-lowest:
 	$(PYTHON) -m venv $(LOWEST_VENV)
 	$(LOWEST_VENV)/bin/python -m pip install -qq -e '.[test]' 'cachelib==$(CACHELIB_LOWEST)'
-	$(LOWEST_VENV)/bin/python -c 'import cachelib; assert cachelib.__version__ == "$(CACHELIB_LOWEST)", cachelib.__version__'
+	$(LOWEST_VENV)/bin/python -c 'from importlib.metadata import version as v; assert v("cachelib") == "$(CACHELIB_LOWEST)", v("cachelib")'
 	$(LOWEST_VENV)/bin/python -m pytest $(PYTEST_ARGS) tests/test_cachelib.py tests/test_backends.py tests/test_contract.py -k 'simple or redis or memcached or cachelib'
 
 ## Benchmarks (benchmarks/README.md): per-request cost, throughput, scale.
