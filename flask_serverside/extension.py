@@ -63,8 +63,8 @@ class ServerSide:
 
         :param sid: The session ID, bare or as the signed cookie value.
         """
-        key = self._sid(sid)
-        return None if key is None else _store().get(key)
+        bare = self._sid(sid)
+        return None if bare is None else _store().get(bare)
 
     def delete(self, sid: str) -> bool:
         """Revoke a session; return whether it existed.
@@ -78,8 +78,8 @@ class ServerSide:
         .. versionchanged:: 0.2
             Also removes the session from the adopted store.
         """
-        key = self._sid(sid)
-        return key is not None and _store().delete(key)
+        bare = self._sid(sid)
+        return bare is not None and _store().delete(bare)
 
     def cleanup(self) -> int:
         """Remove expired records now; return how many. ``0`` where the store
