@@ -8,10 +8,13 @@ STAMP_DEMO := $(VENV)/.installed
 STAMP_DIST := $(VENV)/.installed-dist
 # A clean environment that gets only the built wheel (see `dist`).
 WHEEL_VENV := build/wheel-venv
+# The lowest cachelib that setup.cfg accepts, tested in a venv of its own.
+CACHELIB_LOWEST := 0.15.0
+LOWEST_VENV := build/cachelib-lowest-venv
 # `pip -qq` shows errors only: no setuptools banner about editable installs.
 PIP := $(BIN)/python -m pip install -qq
 
-.PHONY: demo test lint docs dist bench clean
+.PHONY: demo test test-cachelib-lowest lint docs dist bench clean
 
 # The set-up steps of `make demo` run silently: a newcomer sees the server.
 $(BIN)/python:
@@ -39,10 +42,20 @@ demo: $(STAMP_DEMO)
 	@$(BIN)/flask --app examples/shop/app.py run --host 127.0.0.1 --port 5000
 
 ## Install the test extras, start the servers that are installed, run everything:
-## the test suite, ruff, mypy --strict, the docs with warnings as errors, and
-## the sdist and wheel (built, checked, installed in a clean venv).
+## the test suite (on the newest cachelib, then the cachelib tests again on
+## the lowest one setup.cfg accepts), ruff, mypy --strict, the docs with
+## warnings as errors, and the sdist and wheel (built, checked, installed in
+## a clean venv).
 test: lint docs dist
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) test-cachelib-lowest
+
+## The tests that touch cachelib, in a venv with cachelib==$(CACHELIB_LOWEST).
+test-cachelib-lowest:
+	$(PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/python -m pip install -qq -e '.[test]' 'cachelib==$(CACHELIB_LOWEST)'
+	$(LOWEST_VENV)/bin/python -c 'from importlib.metadata import version as v; assert v("cachelib") == "$(CACHELIB_LOWEST)", v("cachelib")'
+	$(LOWEST_VENV)/bin/python -m pytest $(PYTEST_ARGS) tests/test_cachelib.py tests/test_backends.py tests/test_contract.py -k 'simple or redis or memcached or cachelib'
 
 ## Benchmarks (benchmarks/README.md): per-request cost, throughput, scale.
 bench: $(STAMP_DEMO)

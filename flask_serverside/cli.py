@@ -11,6 +11,9 @@ from flask.cli import AppGroup
 
 from .exceptions import BackendUnavailable
 
+if t.TYPE_CHECKING:
+    from .store import SessionStore
+
 sessions_cli = AppGroup("sessions", help="Inspect and maintain server-side sessions.")
 
 
@@ -36,8 +39,6 @@ def _run(func: t.Callable[[], t.Any]) -> t.Any:
 @sessions_cli.command("cleanup")
 def cleanup_command() -> None:
     """Remove expired sessions and print how many were removed."""
-    from .extension import _store
-
     steps = _store().cleanup()
     # The first step runs before the bar is drawn, so that a store that
     # cannot be used fails with its reason alone.
@@ -166,7 +167,6 @@ def import_flask_session_command(source: str, table: str, prefix: str, format_: 
     Records are read as msgpack or JSON; one that only pickle could read is
     skipped and counted, never unpickled.
     """
-    from .extension import _store
     from .migrate import import_sessions
     from .migrate import SourceError
 
@@ -198,3 +198,8 @@ def import_flask_session_command(source: str, table: str, prefix: str, format_: 
             " flask_serverside.migrate.adopt_flask_session_files(app, directory)"
             " to take them over as their users come back."
         )
+
+
+def _store() -> SessionStore:
+    """The current app's store, through the extension's public handle."""
+    return t.cast("SessionStore", _ext().store)

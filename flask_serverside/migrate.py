@@ -16,55 +16,40 @@ that refuses every class and function, so that only plain values load.
 from __future__ import annotations
 
 import hashlib
-import importlib
+import logging
 import os
-import pickle
-import re
-import struct
 import time
 import typing as t
 from collections import Counter
-from collections.abc import Callable
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
-from datetime import timezone
 
-import sqlalchemy as sa
 from flask import current_app
 
 from . import ids
-from .exceptions import BackendUnavailable
+from .sources import decoder
+from .sources import Found
+from .sources import read_file
+from .sources import session_files
+from .sources import sessions
+from .sources import SourceError
+from .store import Copy
 
 if t.TYPE_CHECKING:
     from flask import Flask
 
+    from .store import Loaded
     from .store import SessionStore
 
-Decode = Callable[[bytes], "dict[str, t.Any] | None"]
+__all__ = [
+    "FlaskSessionFiles",
+    "ImportResult",
+    "SourceError",
+    "adopt_flask_session_files",
+    "import_sessions",
+]
 
-#: The serialization formats of Flask-Session 0.8 (``SESSION_SERIALIZATION_FORMAT``).
-_FORMATS = ("msgpack", "json")
-#: Seconds to wait for Flask-Session's Redis to connect or answer.
-_TIMEOUT = 5.0
-#: Rows read from Flask-Session's table per query.
-_BATCH = 1000
-#: What follows the prefix in a Flask-Session key: a ``secrets.token_urlsafe``.
-_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+")
-#: What follows the prefix in this extension's own keys, which a shared
-#: Redis also holds: the hex SHA-256 of an ID.
-_OWN_KEY_RE = re.compile(r"[0-9a-f]{64}")
-#: cachelib's FileSystemCache file: the expiry as a native unsigned int
-#: (``0``: never), then the pickled value.
-_FILE_HEADER = struct.Struct("I")
-_FILE_TMP_SUFFIX = ".__wz_cache"
-
-
-class SourceError(Exception):
-    """Flask-Session's store cannot be found, reached or read.
-
-    .. versionadded:: 0.1
-    """
+logger = logging.getLogger("flask_serverside")
 
 
 @dataclass
@@ -95,20 +80,6 @@ class ImportResult:
     too_large: int = 0
 
 
-class _Found(t.NamedTuple):
-    """A session found in Flask-Session's store.
-
-    :param sid: Its ID, or ``None`` where the store keeps only a hash.
-    :param data: Its data, or ``None`` if it cannot be read without pickle.
-    :param expires: Its expiry as a Unix timestamp, or ``None`` if it has
-        none.
-    """
-
-    sid: str | None
-    data: dict[str, t.Any] | None
-    expires: float | None
-
-
 def import_sessions(
     source: str,
     *,
@@ -133,17 +104,15 @@ def import_sessions(
     :raises SourceError: Flask-Session's store cannot be read.
     :raises BackendUnavailable: This app's store cannot be reached.
     """
-    from .extension import _store
-
-    store = _store()
+    store = current_app.extensions["serverside"].store
     lifetime = current_app.permanent_session_lifetime.total_seconds()
     counts: Counter[str] = Counter()
-    for found in _sessions(source, table, prefix, _decoder(format)):
+    for found in sessions(source, table, prefix, decoder(format)):
         counts[_import_one(store, found, lifetime)] += 1
     return ImportResult(**counts)
 
 
-def _import_one(store: SessionStore, found: _Found, lifetime: float) -> str:
+def _import_one(store: SessionStore, found: Found, lifetime: float) -> str:
     """Copy one session if it can be; return the :class:`ImportResult` field
     that counts it."""
     now = time.time()
@@ -161,241 +130,8 @@ def _import_one(store: SessionStore, found: _Found, lifetime: float) -> str:
 
 def _copy(store: SessionStore, sid: str, data: dict[str, t.Any], expires: float) -> str:
     """Save one session unless this store has it live."""
-    try:
-        raw = store.serializer.dumps(data)
-    except Exception:
-        # A value Flask-Session could store that this serializer cannot.
-        return "unreadable"
-    if len(raw) > store.max_bytes:
-        return "too_large"
-    key = store.key(sid)
-    try:
-        with store.backend.lock(key):
-            current = store.backend.load(key)
-            if current is not None and current.expires > time.time():
-                return "present"
-            store.backend.save(key, raw, expires)
-    except store.backend.unavailable_errors as exc:
-        raise BackendUnavailable() from exc
-    return "imported"
-
-
-def _sessions(source: str, table: str, prefix: str, decode: Decode) -> Iterator[_Found]:
-    scheme = source.partition("://")[0].lower() if "://" in source else ""
-    if scheme in ("redis", "rediss"):
-        return _redis_sessions(source, prefix, decode)
-    if scheme:
-        return _sql_sessions(source, table, prefix, decode)
-    return _directory_sessions(source)
-
-
-def _decoder(format: str) -> Decode:
-    """Flask-Session's decoding, without its pickle fallback."""
-    if format not in _FORMATS:
-        raise ValueError(f"format={format!r} is not one of {_FORMATS!r}.")
-    msgspec = _import("msgspec", "msgpack")
-    decoders: list[t.Any] = [msgspec.msgpack.Decoder(), msgspec.json.Decoder()]
-    if format == "json":
-        decoders.reverse()
-
-    def decode(raw: bytes) -> dict[str, t.Any] | None:
-        for decoder in decoders:
-            try:
-                return _session_data(decoder.decode(raw))
-            except msgspec.DecodeError:
-                continue
-        return None
-
-    return decode
-
-
-def _session_data(value: object) -> dict[str, t.Any] | None:
-    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        return value
-    return None
-
-
-def _import(module: str, extra: str) -> t.Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise SourceError(
-            f"Reading this Flask-Session store needs the {module!r} package:"
-            f" install 'flask-serverside[{extra}]'."
-        ) from exc
-
-
-def _redis_sessions(url: str, prefix: str, decode: Decode) -> Iterator[_Found]:
-    redis = _import("redis", "redis")
-    try:
-        client = redis.Redis.from_url(
-            url, socket_timeout=_TIMEOUT, socket_connect_timeout=_TIMEOUT
-        )
-    except ValueError as exc:
-        raise SourceError(
-            f"--from {_hide_password(url)!r} is not a Redis URL such as"
-            f" 'redis://localhost:6379/0': {exc}"
-        ) from exc
-    match = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"
-    try:
-        for name in client.scan_iter(match=match, count=1000):
-            sid = _sid(name.decode("utf-8", "replace"), prefix)
-            if sid is None:
-                continue
-            value, ttl = client.pipeline(transaction=False).get(name).pttl(name).execute()
-            if value is None:
-                continue  # It expired since the scan found it.
-            expires = None if ttl < 0 else time.time() + ttl / 1000
-            yield _Found(sid, decode(value), expires)
-    except redis.RedisError as exc:
-        raise SourceError(
-            f"Cannot read Flask-Session's Redis at {_hide_password(url)!r}: {exc}"
-        ) from exc
-    finally:
-        client.close()
-
-
-def _hide_password(url: str) -> str:
-    return re.sub(r"//[^/@]*@", "//***@", url, count=1)
-
-
-def _sid(name: str, prefix: str) -> str | None:
-    """The session ID in a Flask-Session key, or ``None`` for other keys."""
-    if not name.startswith(prefix):
-        return None
-    sid = name[len(prefix) :]
-    if not _TOKEN_RE.fullmatch(sid) or _OWN_KEY_RE.fullmatch(sid):
-        return None
-    return sid
-
-
-def _sql_sessions(url: str, table: str, prefix: str, decode: Decode) -> Iterator[_Found]:
-    engine = _source_engine(url)
-    schema, _, name = table.rpartition(".")
-    sessions = sa.table(
-        name,
-        sa.column("session_id", sa.String()),
-        sa.column("data", sa.LargeBinary()),
-        sa.column("expiry", sa.DateTime()),
-        schema=schema or None,
-    )
-    query = (
-        sa.select(sessions.c.session_id, sessions.c.data, sessions.c.expiry)
-        .where(sessions.c.session_id.is_not(None))
-        .order_by(sessions.c.session_id)
-        .limit(_BATCH)
-    )
-    last = None
-    try:
-        _check_table(engine, name, schema or None)
-        while True:
-            # A connection per batch: no lock is held while this store writes.
-            page = query if last is None else query.where(sessions.c.session_id > last)
-            with engine.connect() as conn:
-                rows = conn.execute(page).all()
-            for row in rows:
-                sid = _sid(row.session_id, prefix)
-                if sid is not None:
-                    yield _Found(sid, decode(bytes(row.data or b"")), _utc_timestamp(row.expiry))
-            if len(rows) < _BATCH:
-                return
-            last = rows[-1].session_id
-    except sa.exc.SQLAlchemyError as exc:
-        raise SourceError(f"Cannot read Flask-Session's table {table!r}: {exc}") from exc
-    finally:
-        engine.dispose()
-
-
-def _source_engine(url: str) -> sa.Engine:
-    try:
-        parsed = sa.make_url(url)
-        engine = sa.create_engine(parsed)
-    except (sa.exc.ArgumentError, ValueError, ImportError) as exc:
-        raise SourceError(
-            f"--from {_hide_password(url)!r} is neither a redis:// URL, nor a database URL that"
-            f" SQLAlchemy can use, nor a directory: {exc}"
-        ) from exc
-    database = parsed.database
-    if parsed.get_backend_name() == "sqlite" and not (database and os.path.isfile(database)):
-        # SQLite would create an empty database instead of failing.
-        raise SourceError(f"There is no SQLite database file at {database!r}.")
-    return engine
-
-
-def _check_table(engine: sa.Engine, name: str, schema: str | None) -> None:
-    with engine.connect() as conn:
-        if not sa.inspect(conn).has_table(name, schema=schema):
-            raise SourceError(
-                f"There is no table {name!r} in {engine.url!r}; pass Flask-Session's"
-                " SESSION_SQLALCHEMY_TABLE with --table."
-            )
-
-
-def _utc_timestamp(expiry: datetime | None) -> float:
-    """Flask-Session's naive UTC expiry as a timestamp; none is expired."""
-    if expiry is None:
-        return 0.0
-    if expiry.tzinfo is None:
-        expiry = expiry.replace(tzinfo=timezone.utc)
-    return expiry.timestamp()
-
-
-def _directory_sessions(directory: str) -> Iterator[_Found]:
-    if not os.path.isdir(directory):
-        raise SourceError(
-            f"--from {directory!r} is neither a redis:// URL, nor a database URL,"
-            " nor a directory."
-        )
-    try:
-        for _, found in _session_files(directory):
-            yield found
-    except OSError as exc:
-        raise SourceError(f"Cannot read Flask-Session's directory: {exc}") from exc
-
-
-def _session_files(directory: str) -> Iterator[tuple[str, _Found]]:
-    """The session files of cachelib's FileSystemCache in ``directory``, with
-    what each holds; a file removed meanwhile is left out."""
-    with os.scandir(directory) as entries:
-        for entry in entries:
-            if entry.is_file() and not entry.name.endswith(_FILE_TMP_SUFFIX):
-                try:
-                    found = _read_file(entry.path)
-                except FileNotFoundError:
-                    continue
-                if found is not None:
-                    yield entry.path, found
-
-
-def _read_file(path: str) -> _Found | None:
-    """A session file of cachelib's FileSystemCache, or ``None`` for its
-    other files (the item counter)."""
-    with open(path, "rb") as f:
-        head = f.read(_FILE_HEADER.size)
-        if len(head) < _FILE_HEADER.size:
-            return _Found(None, None, None)
-        (expires,) = _FILE_HEADER.unpack(head)
-        if expires and expires <= time.time():
-            return _Found(None, None, expires)
-        try:
-            value = _PlainUnpickler(f).load()
-        except Exception:
-            return _Found(None, None, expires or None)
-    if not isinstance(value, dict):
-        return None
-    return _Found(None, _session_data(value), expires or None)
-
-
-class _PlainUnpickler(pickle.Unpickler):
-    """Loads plain values only: dicts, lists, tuples, strings, bytes, numbers,
-    booleans and ``None``.
-
-    Everything that could run code (a class, a function, ``__reduce__``)
-    goes through :meth:`find_class`, which refuses it.
-    """
-
-    def find_class(self, module: str, name: str) -> t.Any:
-        raise pickle.UnpicklingError(f"Refusing to load {module}.{name} from a session file.")
+    copy, _ = store.copy_in(sid, lambda: (data, expires))
+    return "imported" if copy is Copy.COPIED else copy.value
 
 
 class FlaskSessionFiles:
@@ -423,10 +159,27 @@ class FlaskSessionFiles:
             for digest in (hashlib.sha256, hashlib.md5)
         ]
 
+    def adopt(self, store: SessionStore, sid: str) -> Loaded | None:
+        """Copy the session into ``store`` if its file is here, then remove
+        the file, so that it is taken over once; return it, or ``None``.
+
+        A session over ``SESSION_MAX_BYTES`` is left behind: its user
+        starts a new session.
+        """
+        copy, loaded = store.copy_in(sid, lambda: self.read(sid), lambda: self.forget(sid))
+        if copy is Copy.TOO_LARGE:
+            logger.warning(
+                "Not adopting a session over SESSION_MAX_BYTES=%d: its user"
+                " starts a new session.",
+                store.max_bytes,
+            )
+        return loaded
+
     def read(self, sid: str) -> tuple[dict[str, t.Any], float] | None:
+        """The data and expiry of the live session with this ID, or ``None``."""
         for path in self._paths(sid):
             try:
-                found = _read_file(path)
+                found = read_file(path)
             except FileNotFoundError:
                 continue
             if found is None or found.data is None:
@@ -463,14 +216,14 @@ class FlaskSessionFiles:
             live += _is_live(found)
         return live
 
-    def _files(self) -> Iterator[tuple[str, _Found]]:
+    def _files(self) -> Iterator[tuple[str, Found]]:
         if not os.path.isdir(self.directory):
             return iter(())
-        return _session_files(self.directory)
+        return session_files(self.directory)
 
 
-def _is_live(found: _Found) -> bool:
-    # _read_file leaves out the data of an expired or unreadable file.
+def _is_live(found: Found) -> bool:
+    # read_file leaves out the data of an expired or unreadable file.
     return found.data is not None
 
 
@@ -490,9 +243,8 @@ def adopt_flask_session_files(
     :param directory: Flask-Session's ``SESSION_FILE_DIR``.
     :param prefix: Flask-Session's ``SESSION_KEY_PREFIX``.
     """
-    from .interface import ServerSideSessionInterface
-
-    interface = app.session_interface
-    if not isinstance(interface, ServerSideSessionInterface):
+    extension = app.extensions.get("serverside")
+    if extension is None:
         raise RuntimeError("Call adopt_flask_session_files after ServerSide.init_app(app).")
-    interface.store.adopter = FlaskSessionFiles(directory, prefix)
+    with app.app_context():
+        extension.store.adopter = FlaskSessionFiles(directory, prefix)

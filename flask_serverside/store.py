@@ -85,11 +85,28 @@ class Outcome(enum.Enum):
     DROPPED = "dropped"
 
 
-class Adopter(t.Protocol):
-    """A store of another session extension that sessions are taken from."""
+class Copy(enum.Enum):
+    """What :meth:`SessionStore.copy_in` did."""
 
-    def read(self, sid: str) -> tuple[dict[str, t.Any], float] | None:
-        """The data and expiry of a live session with this ID, or ``None``."""
+    #: The session was copied into this store.
+    COPIED = "copied"
+    #: This store holds the session live already; nothing was copied.
+    PRESENT = "present"
+    #: The session is over ``SESSION_MAX_BYTES``; nothing was copied.
+    TOO_LARGE = "too_large"
+    #: The serializer cannot store the session's data; nothing was copied.
+    UNREADABLE = "unreadable"
+    #: The other store no longer holds the session.
+    GONE = "gone"
+
+
+class Adopter(t.Protocol):
+    """A store of another session extension whose sessions this store takes
+    over as their users come back (:mod:`flask_serverside.migrate`)."""
+
+    def adopt(self, store: SessionStore, sid: str) -> Loaded | None:
+        """Copy the session into ``store`` if the adopter holds it (with
+        :meth:`SessionStore.copy_in`); return it, or ``None``."""
 
     def forget(self, sid: str) -> bool:
         """Remove the session; return whether there was one."""
@@ -177,46 +194,53 @@ class SessionStore:
             if not self._call("loading", users.indexed, self, loaded.meta, key):
                 return None
         if loaded is None and self.adopter is not None:
-            loaded = self._adopt(sid, self.adopter)
+            loaded = self.adopter.adopt(self, sid)
         return loaded
 
-    def _adopt(self, sid: str, adopter: Adopter) -> Loaded | None:
-        """Copy a session the adopter still holds into this store, then
-        have the adopter forget it, so it can only be taken over once.
+    def copy_in(
+        self,
+        sid: str,
+        fetch: Callable[[], tuple[dict[str, t.Any], float] | None],
+        then: Callable[[], object] | None = None,
+    ) -> tuple[Copy, Loaded | None]:
+        """Copy a session from another store, unless this store holds it
+        live; return what happened, and the session now live here.
 
-        It happens inside the key's exclusive section, so that
-        :meth:`delete` cannot run between the copy and the forgetting, and a
-        session is in both stores only while that section is held.
+        It happens inside the key's exclusive section: ``fetch`` reads the
+        session's data and expiry there (``None``: it is gone), and ``then``
+        (the other store forgetting it) runs there after the save, which is
+        undone if ``then`` raises. So :meth:`delete` cannot run between the
+        copy and the forgetting.
+
+        :raises BackendUnavailable: The store could not be reached.
         """
         key = self.key(sid)
-        with self._guard("adopting"), self.backend.lock(key):
-            # Another request may have adopted it since this one looked.
-            loaded = self._decode(self.backend.load(key), time.time())
-            if loaded is not None:
-                return loaded
-            found = adopter.read(sid)
+        with self._guard("copying"), self.backend.lock(key):
+            # Another request may have copied it since this one looked.
+            current = self._decode(self.backend.load(key), time.time())
+            if current is not None:
+                return Copy.PRESENT, current
+            found = fetch()
             if found is None:
-                return None
+                return Copy.GONE, None
             data, expires = found
-            raw = self.serializer.dumps(data)
+            try:
+                raw = self.serializer.dumps(data)
+            except Exception:
+                return Copy.UNREADABLE, None
             if len(raw) > self.max_bytes:
-                logger.warning(
-                    "Not adopting a session of %d bytes, more than"
-                    " SESSION_MAX_BYTES=%d: its user starts a new session.",
-                    len(raw),
-                    self.max_bytes,
-                )
-                return None
+                return Copy.TOO_LARGE, None
             now = time.time()
             meta = records.Meta(created=now, issued=now)
             stored = records.pack(meta, raw)
             self.backend.save(key, stored, expires)
             try:
-                adopter.forget(sid)
+                if then is not None:
+                    then()
             except BaseException:
                 self.backend.delete(key)
                 raise
-        return Loaded(data, raw, expires, meta, stored)
+        return Copy.COPIED, Loaded(data, raw, expires, meta, stored)
 
     def _decode(self, record: Record | None, now: float) -> Loaded | None:
         if record is None or record.expires <= now:

@@ -15,8 +15,8 @@ from flask import session
 from flask_serverside import ServerSide
 from flask_serverside.backends import Backend
 from flask_serverside.backends import Record
-from flask_serverside.extension import _defaults
-from flask_serverside.extension import _make_backend
+from flask_serverside.config import defaults
+from flask_serverside.config import make_backend
 from tests.servers import ServerNotFound
 from tests.wrappers import DelegatingBackend
 
@@ -225,8 +225,8 @@ def build_app(
     app = Flask(__name__, instance_path=os.fspath(instance_path))
     app.config.update({"SECRET_KEY": "test secret", "TESTING": True, **config})
     if count:
-        settings = {**_defaults(app), **config}
-        app.config["SESSION_BACKEND"] = CountingBackend(_make_backend(settings))
+        settings = {**defaults(app), **config}
+        app.config["SESSION_BACKEND"] = CountingBackend(make_backend(settings))
     ServerSide(app)
     app.backend = app.config["SESSION_BACKEND"]  # type: ignore[attr-defined]
     add_routes(app)

@@ -24,7 +24,6 @@ from flask_serverside import ids
 from flask_serverside import SessionTooLarge
 from flask_serverside import signals
 from flask_serverside import store as store_module
-from flask_serverside.backends import Backend
 from tests.conftest import build_app
 
 MALFORMED_COOKIES = [
@@ -534,101 +533,6 @@ class TestContract:
         else:
             assert removed == 1
             assert store.backend.load(store.key(dead)) is None
-
-
-class TestReplace:
-    """:meth:`.Backend.replace` writes only over the bytes it was given, never
-    over an expired record, and never inside another request's lock section;
-    stores that cannot check all that at once decline."""
-
-    @pytest.fixture
-    def backend(self, app: Flask) -> Backend:
-        return t.cast(Backend, app.backend.inner)  # type: ignore[attr-defined]
-
-    @pytest.fixture
-    def key(self, app: Flask) -> str:
-        return t.cast(str, app.session_interface.store.key(ids.generate(32)))  # type: ignore[attr-defined]
-
-    def test_replaces_the_expected_record(
-        self, backend: Backend, key: str, backend_name: str
-    ) -> None:
-        backend.save(key, b"old", time.time() + 60)
-        replaced = backend.replace(key, b"old", b"new", time.time() + 120)
-        record = backend.load(key)
-        assert replaced is (backend_name in ONE_STEP_WRITES)
-        assert record is not None and record.data == (b"new" if replaced else b"old")
-        if replaced:
-            assert record.expires > time.time() + 100
-
-    def test_refuses_a_changed_missing_or_expired_record(
-        self, backend: Backend, key: str
-    ) -> None:
-        assert backend.replace(key, b"old", b"new", time.time() + 60) is False
-        assert backend.load(key) is None
-        backend.save(key, b"other", time.time() + 60)
-        assert backend.replace(key, b"old", b"new", time.time() + 60) is False
-        assert backend.load(key) == (b"other", pytest.approx(time.time() + 60, abs=5))
-        backend.save(key, b"old", time.time() - 1)
-        time.sleep(0.01)  # native TTLs are at least a millisecond
-        assert backend.replace(key, b"old", b"new", time.time() + 60) is False
-        record = backend.load(key)
-        assert record is None or record.expires < time.time()
-
-    def test_refuses_while_a_section_holds_the_lock(self, backend: Backend, key: str) -> None:
-        backend.save(key, b"old", time.time() + 60)
-        entered, leave = threading.Event(), threading.Event()
-
-        def section() -> None:
-            with backend.lock(key):
-                assert backend.load(key) is not None
-                entered.set()
-                leave.wait(10)
-                backend.save(key, b"section", time.time() + 60)
-
-        holder = threading.Thread(target=section)
-        holder.start()
-        assert entered.wait(10)
-        results: list[bool] = []
-        fast = threading.Thread(
-            target=lambda: results.append(backend.replace(key, b"old", b"fast", time.time() + 60))
-        )
-        fast.start()
-        fast.join(0.2)  # SQL waits here for the section's row or write lock
-        leave.set()
-        holder.join(10)
-        fast.join(10)
-        assert results == [False]
-        record = backend.load(key)
-        assert record is not None and record.data == b"section"
-
-
-class TestTouch:
-    """:meth:`.Backend.touch` extends a live record and says so; it never
-    creates a record, nor brings back an expired one."""
-
-    @pytest.fixture
-    def backend(self, app: Flask) -> Backend:
-        return t.cast(Backend, app.backend.inner)  # type: ignore[attr-defined]
-
-    @pytest.fixture
-    def key(self, app: Flask) -> str:
-        return t.cast(str, app.session_interface.store.key(ids.generate(32)))  # type: ignore[attr-defined]
-
-    def test_extends_a_live_record(self, backend: Backend, key: str) -> None:
-        backend.save(key, b"data", time.time() + 60)
-        assert backend.touch(key, time.time() + 120) is True
-        record = backend.load(key)
-        assert record is not None and record.data == b"data"
-        assert record.expires > time.time() + 100
-
-    def test_refuses_a_missing_or_expired_record(self, backend: Backend, key: str) -> None:
-        assert backend.touch(key, time.time() + 60) is False
-        assert backend.load(key) is None
-        backend.save(key, b"data", time.time() - 1)
-        time.sleep(0.01)  # native TTLs are at least a millisecond
-        assert backend.touch(key, time.time() + 60) is False
-        record = backend.load(key)
-        assert record is None or record.expires < time.time()
 
 
 class TestConcurrency:

@@ -27,6 +27,7 @@ from tests.servers import pgbouncer
 from tests.servers.pgbouncer import PgBouncerServer
 from tests.servers.postgres import PASSWORD
 from tests.servers.postgres import PostgresServer
+from tests.test_backends import TestSeam
 from tests.test_contract import client  # noqa: F401 (fixtures of the classes)
 from tests.test_contract import recorded  # noqa: F401
 
@@ -84,7 +85,7 @@ class TestContractDeployed(contract.TestContract):
     pass
 
 
-class TestReplaceDeployed(contract.TestReplace):
+class TestSeamDeployed(TestSeam):
     pass
 
 

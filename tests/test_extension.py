@@ -331,3 +331,17 @@ def test_backend_alias_says_what_to_use(tmp_path: t.Any, name: str, advice: str)
         ServerSide(app)
     assert f"SESSION_BACKEND={name!r}" in str(info.value)
     assert advice in str(info.value)
+
+
+def test_store_is_the_current_apps_store(tmp_path: t.Any) -> None:
+    """``ServerSide.store`` is the public handle on the store of the app in
+    context, for one extension object on several apps."""
+    extension = ServerSide()
+    first, second = make(tmp_path / "first"), make(tmp_path / "second")
+    extension.init_app(first)
+    extension.init_app(second)
+    with first.app_context():
+        assert extension.store is first.session_interface.store  # type: ignore[attr-defined]
+    with second.app_context():
+        assert extension.store is second.session_interface.store  # type: ignore[attr-defined]
+        assert extension.store.backend.directory == str(tmp_path / "second" / "sessions")  # type: ignore[attr-defined]

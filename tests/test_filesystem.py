@@ -127,12 +127,6 @@ def test_cleanup_removes_expired_and_stale_temp_files(tmp_path: t.Any) -> None:
     assert not stale.exists() and fresh.exists()
 
 
-def test_touch_never_creates(tmp_path: t.Any) -> None:
-    backend = FileSystemBackend(tmp_path)
-    backend.touch("session:" + "03" * 32, time.time() + 60)
-    assert record_files(str(tmp_path)) == []
-
-
 def test_corrupt_header_is_a_missing_session(
     tmp_path: t.Any, caplog: pytest.LogCaptureFixture
 ) -> None:

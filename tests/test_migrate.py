@@ -22,6 +22,7 @@ from flask_session import Session
 from flask_sqlalchemy import SQLAlchemy
 
 from flask_serverside import ids
+from flask_serverside import record as records
 from flask_serverside.migrate import adopt_flask_session_files
 from flask_serverside.migrate import FlaskSessionFiles
 from tests.conftest import build_app
@@ -113,10 +114,16 @@ def stored_expiry(app: Flask, sid: str) -> float | None:
 
 def assert_old_lifetime(app: Flask, sid: str) -> None:
     """The imported record keeps Flask-Session's remaining lifetime, not
-    this app's 31 days (until a request touches it)."""
+    this app's 31 days (until a request touches it), and starts its life
+    in this store now, as an adopted one does."""
     expires = stored_expiry(app, sid)
     assert expires is not None
     assert time.time() + OLD_LIFETIME - 30 < expires <= time.time() + OLD_LIFETIME + 1
+    with app.app_context():
+        store = app.extensions["serverside"].store
+        stored = store.backend.load(store.key(sid))
+    meta, _ = records.unpack(stored.data)
+    assert meta.created is not None and time.time() - 60 < meta.created <= time.time()
 
 
 @pytest.fixture

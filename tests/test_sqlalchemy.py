@@ -22,7 +22,9 @@ import sqlalchemy as sa
 from flask import Flask
 
 from flask_serverside.backends import sqlalchemy as sql_module
+from flask_serverside.backends.base import utc_datetime
 from flask_serverside.backends.sqlalchemy import make_table
+from flask_serverside.backends.sqlalchemy import schema as sql_schema
 from flask_serverside.backends.sqlalchemy import SQLAlchemyBackend
 from tests.conftest import start_server
 from tests.servers import free_port
@@ -117,25 +119,6 @@ def stoppable_postgres(
     server.stop()
 
 
-def test_round_trip(backend: SQLAlchemyBackend) -> None:
-    expires = later()
-    backend.save("session:a", b"\x00data", expires)
-    record = backend.load("session:a")
-    assert record is not None
-    assert record.data == b"\x00data"
-    assert record.expires == pytest.approx(expires, abs=1e-5)
-
-    backend.save("session:a", b"new", expires)
-    assert backend.load("session:a") == (b"new", pytest.approx(expires, abs=1e-5))
-
-    backend.touch("session:a", expires + 100)
-    assert backend.load("session:a") == (b"new", pytest.approx(expires + 100, abs=1e-5))
-
-    assert backend.delete("session:a")
-    assert not backend.delete("session:a")
-    assert backend.load("session:a") is None
-
-
 def test_expiry_is_a_utc_datetime_column(backend: SQLAlchemyBackend) -> None:
     backend.save("session:a", b"x", 2_000_000_000.25)
 
@@ -159,15 +142,10 @@ def test_expired_rows_are_invisible(backend: SQLAlchemyBackend) -> None:
     assert backend.load("session:old") is None
 
 
-def test_touch_never_creates(backend: SQLAlchemyBackend) -> None:
-    backend.touch("session:missing", later())
-    assert backend.load("session:missing") is None
-
-
 def test_portable_save_without_upsert(
     backend: SQLAlchemyBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sql_module, "_UPSERTS", {})
+    monkeypatch.setattr(sql_schema, "UPSERTS", {})
     backend.save("session:a", b"one", later())
     backend.save("session:a", b"two", later())
     assert backend.load("session:a") == (b"two", pytest.approx(later(), abs=5))
@@ -219,7 +197,7 @@ def test_count_clear_cleanup_keep_to_the_prefix(
 def test_cleanup_in_batches(backend: SQLAlchemyBackend) -> None:
     now = time.time()
     backend.save(storage_key("session:", "live"), b"x", later())
-    past = sql_module._datetime(now - 10)
+    past = utc_datetime(now - 10)
     rows = [{"id": f"session:{i:064x}", "data": b"x", "expires": past} for i in range(20_000)]
 
     with backend.engine.begin() as conn:
@@ -227,7 +205,7 @@ def test_cleanup_in_batches(backend: SQLAlchemyBackend) -> None:
 
     batches = list(backend.cleanup(now))
     assert sum(batches) == 20_000
-    assert batches == [sql_module._CLEANUP_BATCH] * (20_000 // sql_module._CLEANUP_BATCH)
+    assert batches == [sql_module.CLEANUP_BATCH] * (20_000 // sql_module.CLEANUP_BATCH)
     assert backend.count(now) == 1
 
 
@@ -253,7 +231,7 @@ def test_lock_commits_or_rolls_back_as_one_transaction(backend: SQLAlchemyBacken
 def test_lock_wait_is_bounded(
     url: str, make_backend: t.Callable[..., SQLAlchemyBackend], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sql_module, "_LOCK_TIMEOUT", 1)
+    monkeypatch.setattr(sql_schema, "LOCK_TIMEOUT", 1)
     backend = make_backend(url=url)
     held = threading.Event()
     release = threading.Event()
@@ -315,8 +293,8 @@ def test_postgres_row_lock_fallback(
     make_backend: t.Callable[..., SQLAlchemyBackend],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(sql_module, "_LOCKS", {})
-    monkeypatch.setattr(sql_module, "_UPSERTS", {})
+    monkeypatch.setattr(sql_schema, "LOCKS", {})
+    monkeypatch.setattr(sql_schema, "UPSERTS", {})
     backend = make_backend(url=postgres_url)
     backend.save("counter", b"0", later())  # a row lock needs a row
     threads = [threading.Thread(target=increment, args=(backend, 25)) for _ in range(2)]

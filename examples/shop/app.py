@@ -314,11 +314,12 @@ def _browser_side() -> dict[str, t.Any]:
 
 def _server_side(sid: str) -> dict[str, t.Any]:
     """What the server holds for this ID: the record, where and how big."""
-    store = current_app.session_interface.store  # type: ignore[attr-defined]
+    extension = current_app.extensions["serverside"]
+    store = extension.store  # the app's SessionStore: backend, prefix, limits
     key = store.key(sid)  # the prefix and the SHA-256 of the ID
     info: dict[str, t.Any] = {
         # The extension's public API: the stored data of a live session.
-        "record": current_app.extensions["serverside"].get(sid),
+        "record": extension.get(sid),
         "key": f"{key[:-64]}{_short(key[-64:], 12, 4)}",
         "backend": type(store.backend).__name__,
     }

@@ -8,10 +8,16 @@ offers an exclusive section per key.
 
 from __future__ import annotations
 
+import importlib
+import re
+import threading
 import typing as t
 from abc import ABC
 from abc import abstractmethod
 from contextlib import AbstractContextManager
+from contextlib import contextmanager
+from datetime import datetime
+from datetime import timezone
 
 
 class Record(t.NamedTuple):
@@ -136,3 +142,85 @@ class Backend(ABC):
         Backends that list or clear their keys use it to keep away from other
         data in a shared store. The default does nothing.
         """
+
+
+#: Hex digits after the prefix in a session's storage key: a SHA-256.
+DIGEST_LENGTH = 64
+_DIGEST_RE = re.compile(rf"[0-9a-f]{{{DIGEST_LENGTH}}}")
+
+
+def is_session_key(name: str, prefix: str) -> bool:
+    """Whether ``name`` is a storage key under ``prefix``: the prefix
+    followed by exactly 64 lowercase hex digits.
+
+    Backends that list their keys use it to keep away from other data in a
+    shared store (a longer prefix that starts with this one gives longer
+    names).
+    """
+    return name.startswith(prefix) and _DIGEST_RE.fullmatch(name, len(prefix)) is not None
+
+
+class Reentrant:
+    """Makes a per-key exclusive section re-entrant within a thread: a
+    thread that holds the section for a key enters it again at no cost.
+
+    :param section: Enters the exclusive section of a key.
+    """
+
+    def __init__(self, section: t.Callable[[str], AbstractContextManager[None]]) -> None:
+        self._section = section
+        self._local = threading.local()
+
+    @contextmanager
+    def __call__(self, key: str) -> t.Iterator[None]:
+        held: set[str] = self._local.__dict__.setdefault("keys", set())
+        if key in held:
+            yield
+            return
+        with self._section(key):
+            held.add(key)
+            try:
+                yield
+            finally:
+                held.discard(key)
+
+
+def import_optional(module: str, purpose: str, install: str) -> t.Any:
+    """Import a module of an optional dependency.
+
+    :param purpose: What needs it, the start of the error message.
+    :param install: What to ``pip install`` to get it.
+    :raises ImportError: The module is missing; the message says what to
+        install.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        package = module.partition(".")[0]
+        raise ImportError(
+            f"{purpose} needs the {package!r} package; install it with 'pip install {install}'."
+        ) from exc
+
+
+def glob_escape(text: str) -> str:
+    """``text`` with the special characters of a Redis ``MATCH`` pattern
+    escaped."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+def utc_now() -> datetime:
+    """The current time as an aware UTC datetime."""
+    return datetime.now(timezone.utc)
+
+
+def utc_datetime(timestamp: float) -> datetime:
+    """A Unix timestamp as an aware UTC datetime."""
+    return datetime.fromtimestamp(timestamp, timezone.utc)
+
+
+def utc_timestamp(value: datetime) -> float:
+    """A datetime as a Unix timestamp; a naive one is taken as UTC (SQLite
+    stores no zone)."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.timestamp()

@@ -8,7 +8,6 @@ import logging
 import os
 import secrets
 import struct
-import threading
 import time
 import typing as t
 import zlib
@@ -18,7 +17,10 @@ from contextlib import contextmanager
 from urllib.parse import quote
 
 from .base import Backend
+from .base import DIGEST_LENGTH
+from .base import is_session_key
 from .base import Record
+from .base import Reentrant
 
 logger = logging.getLogger("flask_serverside")
 
@@ -76,33 +78,34 @@ class FileSystemBackend(Backend):
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = os.fspath(directory)
         self._name_prefix = _escape("session:")
-        self._held = threading.local()
+        self._lock_shard = Reentrant(self._flock_shard)
 
     def describe(self) -> str:
         return f"filesystem {self.directory}"
 
     def configure(self, prefix: str) -> None:
         name = _escape(prefix)
-        if len(name.encode()) + 64 > _NAME_MAX:
+        length = len(name.encode()) + DIGEST_LENGTH
+        if length > _NAME_MAX:
             raise ValueError(
                 f"SESSION_KEY_PREFIX={prefix!r} is too long for the filesystem backend:"
                 f" escaped for a file name ({name!r}) it makes names of"
-                f" {len(name.encode()) + 64} bytes, over the limit of {_NAME_MAX}. Use at"
-                f" most {_NAME_MAX - 64} bytes once escaped (characters other than"
+                f" {length} bytes, over the limit of {_NAME_MAX}. Use at"
+                f" most {_NAME_MAX - DIGEST_LENGTH} bytes once escaped (characters other than"
                 " letters, digits and '_.-~' take three)."
             )
         self._name_prefix = name
 
     def _is_ours(self, name: str) -> bool:
         """Whether a file name is a record under this backend's key prefix."""
-        return name.startswith(self._name_prefix) and len(name) == len(self._name_prefix) + 64
+        return is_session_key(name, self._name_prefix)
 
     def _shard(self, key: str) -> str:
         return f"{self.directory}/{key[-2:]}"
 
     def _path(self, key: str) -> str:
         # Keys are a prefix and a hex digest: only the prefix needs escaping.
-        name = _escape(key[:-64]) + key[-64:]
+        name = _escape(key[:-DIGEST_LENGTH]) + key[-DIGEST_LENGTH:]
         return f"{self.directory}/{key[-2:]}/{name}"
 
     def load(self, key: str) -> Record | None:
@@ -176,20 +179,14 @@ class FileSystemBackend(Backend):
         return self._lock_shard(self._shard(key))
 
     @contextmanager
-    def _lock_shard(self, shard: str) -> Iterator[None]:
-        held: set[str] = self._held.__dict__.setdefault("shards", set())
-        if shard in held:
-            yield
-            return
+    def _flock_shard(self, shard: str) -> Iterator[None]:
         fd = self._open_lock(os.path.join(shard, _LOCK_NAME))
         try:
             # flock, unlike lockf, also excludes threads of one process, as
             # each call opens its own file description.
             fcntl.flock(fd, fcntl.LOCK_EX)
-            held.add(shard)
             yield
         finally:
-            held.discard(shard)
             os.close(fd)
 
     def _open_lock(self, path: str) -> int:

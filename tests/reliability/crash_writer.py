@@ -44,8 +44,8 @@ def make_backend(spec: dict[str, t.Any]) -> Backend:
 
         return SQLAlchemyBackend(url=spec["url"])
     if kind == "cachelib":
-        from flask_serverside.backends.cachelib import cache_from_url
         from flask_serverside.backends.cachelib import CacheLibBackend
+        from flask_serverside.cache_url import cache_from_url
 
         backend = CacheLibBackend(cache_from_url(spec["url"]))
         backend.configure(spec.get("prefix", "session:"))

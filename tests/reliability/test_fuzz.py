@@ -370,12 +370,12 @@ class Planter:
             with open(path, "wb") as f:
                 f.write(raw)
         elif self.name == "redis":
-            store = self.inner._store  # type: ignore[attr-defined]
-            store.client.set(store.prefix() + key, raw, px=3_600_000)
+            inner = self.inner
+            inner.client.set(inner._cache_prefix() + key, raw, px=3_600_000)  # type: ignore[attr-defined]
         elif self.name == "memcached":
-            store = self.inner._store  # type: ignore[attr-defined]
-            with store._client() as client:
-                client.set(store._name(key), raw, 3600, noreply=False, flags=flags)
+            inner = self.inner
+            with inner._client() as client:  # type: ignore[attr-defined]
+                client.set(inner._name(key), raw, 3600, noreply=False, flags=flags)  # type: ignore[attr-defined]
         else:
             self.inner.cache.set(key, raw, timeout=3600)  # type: ignore[attr-defined]
 

@@ -30,7 +30,7 @@ from flask import jsonify
 from flask import session
 from flask.testing import FlaskClient
 
-from flask_serverside.backends import cachelib as cachelib_backend
+from flask_serverside import cache_url
 from tests.conftest import build_app
 from tests.conftest import start_server
 from tests.reliability.figures import fact_max
@@ -75,7 +75,7 @@ private_postgres = _private("postgres")
 
 @pytest.fixture
 def fast_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cachelib_backend, "SOCKET_TIMEOUT", TIMEOUT)
+    monkeypatch.setattr(cache_url, "SOCKET_TIMEOUT", TIMEOUT)
 
 
 def wrapper(app: Flask) -> InterruptedWrites:

@@ -251,7 +251,7 @@ def dump_storage(app: Flask, backend_name: str, tmp_path: t.Any) -> list[bytes]:
             for row in conn.execute(sa.select(backend.table)):
                 items += [row.id.encode(), bytes(row.data)]
     elif backend_name == "redis":
-        client = backend._store.client
+        client = backend.client
         for name in client.scan_iter(match=f"{prefix}*"):
             items += [name, client.get(name) or b""]
     elif backend_name == "memcached":
@@ -265,8 +265,7 @@ def dump_storage(app: Flask, backend_name: str, tmp_path: t.Any) -> list[bytes]:
 
 def _memcached_items(backend: t.Any, prefix: str) -> list[bytes]:
     """Memcached cannot list keys through the client: its LRU crawler can."""
-    store = backend._store
-    with store._client() as client:
+    with backend._client() as client:
         host, port = client.server
     with socket.create_connection((host, port), timeout=5) as sock:
         sock.sendall(b"lru_crawler metadump all\r\n")
@@ -282,7 +281,7 @@ def _memcached_items(backend: t.Any, prefix: str) -> list[bytes]:
             continue
         name = unquote(line.split()[0][4:])
         if name.startswith(prefix):
-            with store._client() as client:
+            with backend._client() as client:
                 items += [name.encode(), client.get(name) or b""]
     return items
 

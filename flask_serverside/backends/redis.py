@@ -1,0 +1,193 @@
+"""Sessions in Redis (or Valkey), through a cachelib cache's client.
+
+Values are raw bytes, never pickles, under the same keys cachelib would use
+(its ``key_prefix`` included); the user's other keys in the same cache keep
+working through cachelib as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import math
+import time
+import typing as t
+
+from .base import glob_escape
+from .base import is_session_key
+from .base import Record
+from .caches import CacheBackend
+from .caches import HEADER
+from .caches import LOCK_SUFFIX
+from .caches import MARK
+from .caches import pack
+from .caches import redis_client
+from .caches import unpack
+
+if t.TYPE_CHECKING:
+    from cachelib import BaseCache
+
+
+class RedisBackend(CacheBackend):
+    """Stores sessions in Redis through a :class:`~cachelib.RedisCache`'s
+    client (one built around your own client, Sentinel or cluster too), with
+    the expiry in the value and as the key's TTL.
+
+    A load is one ``GET``. A touch rewrites the header and the TTL in one
+    script, which never creates a record; the scripts compare payloads
+    only, so a touch does not make an overlapping write take the lock.
+    Both scripts also check the expiry in the header against the server's
+    clock: the TTL, counted from when the record arrived, may outlive it by
+    a few milliseconds.
+    """
+
+    #: Lua: whether the record ``value`` has expired by the server's clock.
+    _EXPIRED = (
+        " local function expired(value)"
+        " local now = redis.call('time')"
+        " local ms = now[1] * 1000 + math.floor(now[2] / 1000)"
+        f" return struct.unpack('>d', value, {len(MARK) + 1}) * 1000 <= ms end"
+    )
+
+    _TOUCH = (
+        _EXPIRED + " local value = redis.call('get', KEYS[1])"
+        f" if not value or string.sub(value, 1, {len(MARK)}) ~= ARGV[3] then return 0 end"
+        " if expired(value) then return 0 end"
+        f" redis.call('set', KEYS[1], ARGV[1] .. string.sub(value, {HEADER.size + 1}),"
+        " 'PX', ARGV[2]) return 1"
+    )
+
+    _RELEASE = (
+        "if redis.call('get', KEYS[1]) == ARGV[1] then"
+        " return redis.call('del', KEYS[1]) end return 0"
+    )
+
+    #: Writes ARGV[2] with a TTL of ARGV[3] ms if the SHA-1 of the record's
+    #: payload is still ARGV[1], the record has not expired, nobody holds the
+    #: lock key, and the server's clock has not passed ARGV[4] (Unix ms).
+    _REPLACE = (
+        _EXPIRED + " local now = redis.call('time')"
+        " if now[1] * 1000 + math.floor(now[2] / 1000) > tonumber(ARGV[4]) then return 0 end"
+        " if redis.call('exists', KEYS[2]) == 1 then return 0 end"
+        " local value = redis.call('get', KEYS[1])"
+        " if not value or redis.sha1hex(string.sub(value, "
+        f"{HEADER.size + 1})) ~= ARGV[1] then return 0 end"
+        " if expired(value) then return 0 end"
+        " redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1"
+    )
+
+    def __init__(self, cache: BaseCache) -> None:
+        super().__init__(cache)
+        client = redis_client(cache)
+        if client is None:
+            raise TypeError(f"{cache!r} is not a cachelib RedisCache or ValkeyCache.")
+        self.client = client
+        self.unavailable_errors = _redis_errors()
+        self._release_script = client.register_script(self._RELEASE)
+        self._touch_script = client.register_script(self._TOUCH)
+        # A cluster would refuse a script on two keys in different slots.
+        self._replace_script = (
+            None if _is_cluster(client) else client.register_script(self._REPLACE)
+        )
+        pool = getattr(client, "connection_pool", None)
+        timeout = getattr(pool, "connection_kwargs", {}).get("socket_timeout")
+        #: How long after it is sent a replace may still run: half the
+        #: socket timeout, so that a script a frozen server runs once it
+        #: wakes up, after the request gave up on it (and answered 503),
+        #: writes nothing.
+        self._replace_window = timeout / 2 if timeout else math.inf
+
+    def describe(self) -> str:
+        pool = getattr(self.client, "connection_pool", None)
+        options = getattr(pool, "connection_kwargs", {})
+        if "host" in options:
+            return f"redis {options['host']}:{options.get('port', 6379)}"
+        if "path" in options:
+            return f"redis {options['path']}"
+        return "redis"
+
+    def _cache_prefix(self) -> str:
+        """cachelib's ``key_prefix``: a string, or a function returning one."""
+        prefix = getattr(self.cache, "key_prefix", None)
+        return (prefix() if callable(prefix) else prefix) or ""
+
+    def load(self, key: str) -> Record | None:
+        name = self._cache_prefix() + key
+        return unpack(self.client.get(name), name)
+
+    def save(self, key: str, data: bytes, expires: float) -> None:
+        self.client.set(self._cache_prefix() + key, pack(data, expires), px=_ttl_ms(expires))
+
+    def replace(self, key: str, expected: bytes, data: bytes, expires: float) -> bool:
+        if self._replace_script is None:
+            return False
+        name = self._cache_prefix() + key
+        keys = [name, name + LOCK_SUFFIX]
+        deadline = int(min((time.time() + self._replace_window) * 1000, 2**53))
+        digest = hashlib.sha1(expected).hexdigest()
+        args = [digest, pack(data, expires), _ttl_ms(expires), deadline]
+        return bool(self._replace_script(keys=keys, args=args))
+
+    def touch(self, key: str, expires: float) -> bool:
+        # The key's TTL (in milliseconds) is its expiry: an expired record
+        # is gone, and the script never creates one.
+        header = HEADER.pack(MARK, expires)
+        args = [header, _ttl_ms(expires), MARK]
+        return bool(self._touch_script(keys=[self._cache_prefix() + key], args=args))
+
+    def delete(self, key: str) -> bool:
+        return bool(self.client.delete(self._cache_prefix() + key))
+
+    def take(self, lock_key: str, token: str, ttl: float) -> bool:
+        name = self._cache_prefix() + lock_key
+        return bool(self.client.set(name, token, nx=True, px=math.ceil(ttl * 1000)))
+
+    def give_back(self, lock_key: str, token: str) -> None:
+        self._release_script(keys=[self._cache_prefix() + lock_key], args=[token])
+
+    def _names(self) -> t.Iterator[bytes]:
+        start = self._cache_prefix() + self.configured_prefix()
+        match = glob_escape(start) + "*"
+        for name in self.client.scan_iter(match=match, count=1000):
+            text = name.decode("utf-8", "surrogateescape") if isinstance(name, bytes) else name
+            if is_session_key(text, start):
+                yield name
+
+    def count(self, now: float) -> int:
+        """Counts with ``SCAN``: every key under the prefix, whose TTL is its
+        expiry."""
+        return sum(1 for _ in self._names())
+
+    def clear(self) -> int:
+        removed = 0
+        batch: list[bytes] = []
+        for name in self._names():
+            batch.append(name)
+            if len(batch) == 500:
+                removed += self.client.delete(*batch)
+                batch.clear()
+        if batch:
+            removed += self.client.delete(*batch)
+        return removed
+
+
+def _ttl_ms(expires: float) -> int:
+    return max(1, math.ceil((expires - time.time()) * 1000))
+
+
+def _is_cluster(client: t.Any) -> bool:
+    return any(cls.__name__ in ("RedisCluster", "ValkeyCluster") for cls in type(client).__mro__)
+
+
+def _redis_errors() -> tuple[type[BaseException], ...]:
+    """Connection errors of redis-py and of its fork valkey-py, if installed."""
+    errors: list[type[BaseException]] = [OSError]
+    for package in ("redis", "valkey"):
+        try:
+            exceptions = importlib.import_module(f"{package}.exceptions")
+        except ImportError:
+            continue
+        errors += [exceptions.ConnectionError, exceptions.TimeoutError]
+    return tuple(errors)
+
+

@@ -1,0 +1,236 @@
+"""The session table and the statements the backend runs on it, built once."""
+
+from __future__ import annotations
+
+import typing as t
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.sql.compiler import SQLCompiler
+
+from ..base import DIGEST_LENGTH
+from ..base import Record
+from ..base import utc_timestamp
+
+#: Seconds :meth:`SQLAlchemyBackend.lock` waits for another holder of the
+#: lock (and the SQLite busy timeout) before giving up.
+LOCK_TIMEOUT = 10
+
+#: The single-statement upsert of each database that has one; others update,
+#: then insert if no row was updated.
+UPSERTS: dict[str, t.Callable[[sa.Table], postgresql.Insert | sqlite.Insert]] = {
+    "postgresql": postgresql.insert,
+    "sqlite": sqlite.insert,
+}
+
+#: SQLSTATEs of a prepared statement that does not exist (invalid SQL
+
+#: How :meth:`SQLAlchemyBackend.lock` excludes others, per database; others
+#: lock the key's row (``SELECT ... FOR UPDATE``).
+LOCKS = {"postgresql": "advisory", "sqlite": "database"}
+
+
+def make_table(name: str, metadata: sa.MetaData) -> sa.Table:
+    """Define the session table in ``metadata``.
+
+    The backend calls this with a private :class:`~sqlalchemy.MetaData`.
+    Projects that manage their schema with migrations can call it with their
+    own metadata (``make_table("sessions", db.metadata)``) so that Alembic
+    generates the table, and set ``SESSION_SQLALCHEMY_CREATE_TABLE`` to
+    ``False``.
+
+    :param name: The table name, ``SESSION_SQLALCHEMY_TABLE``.
+    :param metadata: The metadata the table belongs to.
+
+    .. versionadded:: 0.1
+    """
+    return sa.Table(
+        name,
+        metadata,
+        sa.Column("id", sa.String(200), primary_key=True),
+        sa.Column("data", sa.LargeBinary, nullable=False),
+        sa.Column("expires", sa.DateTime(timezone=True), nullable=False, index=True),
+    )
+
+
+
+class Statements:
+    """Every statement the backend runs per request, built once.
+
+    Executing a prebuilt statement skips SQLAlchemy's construction, coercion
+    and cache-key work, which is most of the cost of a SQLite read.
+    """
+
+    def __init__(self, table: sa.Table, dialect: sa.Dialect, own_engine: bool) -> None:
+        c = table.c
+        key = sa.bindparam("key", type_=c.id.type)
+        now = sa.bindparam("now", type_=c.expires.type)
+        new_expires = sa.bindparam("new_expires", type_=c.expires.type)
+
+        new_data = sa.bindparam("new_data", type_=c.data.type)
+        #: One indexed lookup, which skips an expired row.
+        self.select = sa.select(c.data, c.expires).where(c.id == key, c.expires > now)
+        #: The lookup inside a section: it locks the row (where the database
+        #: has row locks), so that a :attr:`replace` waits for the section
+        #: to end and then finds the data it expects gone.
+        self.select_locked = sa.select(c.data, c.expires).where(c.id == key).with_for_update()
+        self.replace = (
+            sa.update(table)
+            .where(
+                c.id == key,
+                c.data == sa.bindparam("old_data", type_=c.data.type),
+                c.expires > now,
+            )
+            .values(data=new_data, expires=new_expires)
+        )
+        # An expired record stays expired: touching must not revive it.
+        self.touch = (
+            sa.update(table).where(c.id == key, c.expires > now).values(expires=new_expires)
+        )
+        self.delete = sa.delete(table).where(c.id == key)
+        #: Executed with the ``id``, ``data`` and ``expires`` of a row.
+        self.insert = sa.insert(table)
+        self.update = sa.update(table).where(c.id == key).values(data=new_data, expires=new_expires)
+        self.upsert: sa.Executable | None = None
+
+        if dialect.name in UPSERTS:
+            insert = UPSERTS[dialect.name](table)
+            self.upsert = insert.on_conflict_do_update(
+                index_elements=[c.id],
+                set_={"data": insert.excluded.data, "expires": insert.excluded.expires},
+            )
+
+        #: ``"advisory"``, ``"database"`` or ``"row"``: see
+        #: :meth:`SQLAlchemyBackend.lock`.
+        self.lock_kind = LOCKS.get(dialect.name, "row")
+        self.lock_timeout = sa.text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}s'")
+        self.advisory_lock = sa.select(
+            sa.func.pg_advisory_xact_lock(sa.bindparam("lock_id", type_=sa.BigInteger))
+        )
+        # A write as the transaction's first statement takes SQLite's write
+        # lock now, as BEGIN IMMEDIATE would, however the engine begins.
+        self.write_lock = sa.update(table).where(sa.false()).values(id=c.id)
+        self.row_lock = sa.select(c.id).where(c.id == key).with_for_update()
+
+        #: For the engine built from a URL, whose driver connection is in
+        #: autocommit mode: the SQL that begins a section's transaction and
+        #: takes its lock (``None``: begin through SQLAlchemy instead).
+        self.begin: str | None = None
+        #: Whether :attr:`begin` ends with the :attr:`select` of the key.
+        self.begin_reads = False
+        #: The :attr:`upsert` followed by ``COMMIT``, to end a section that
+        #: saved (``None``: save at once, and commit apart).
+        self.upsert_commit: str | None = None
+        #: :attr:`select` and :attr:`replace` as driver SQL, to run on a
+        #: pooled driver connection without SQLAlchemy's execution layer
+        #: (``None``: run them through SQLAlchemy).
+        self.driver_select: DriverStatement | None = None
+        self.driver_replace: DriverStatement | None = None
+
+        if own_engine and self.lock_kind == "database":
+            self.begin = "BEGIN IMMEDIATE"
+        elif own_engine and self.lock_kind == "advisory" and dialect.driver == "psycopg2":
+            # psycopg2 binds parameters itself and sends several statements
+            # in one message. One round trip begins the transaction, bounds
+            # the lock wait, takes the lock and reads the key's row (each
+            # statement takes its snapshot as it starts, so after the lock);
+            # another writes the row and commits.
+            self.begin = (
+                "BEGIN ISOLATION LEVEL READ COMMITTED;"
+                f" SET LOCAL lock_timeout = '{LOCK_TIMEOUT}s';"
+                " SELECT pg_advisory_xact_lock(%(lock_id)s);"
+                f" {self.select_locked.compile(dialect=dialect)}"
+            )
+            self.begin_reads = True
+
+            if self.upsert is not None:
+                self.upsert_commit = f"{self.upsert.compile(dialect=dialect)}; COMMIT"
+
+            # psycopg2 converts the parameters (bytes, aware datetimes) and
+            # the results itself; SQLAlchemy's layer would add about a third
+            # to the statements every request runs.
+            positional = postgresql.psycopg2.dialect(  # type: ignore[no-untyped-call]
+                paramstyle="numeric_dollar"
+            )
+            self.driver_select = DriverStatement.build("select", self.select, dialect, positional)
+            self.driver_replace = DriverStatement.build(
+                "replace", self.replace, dialect, positional
+            )
+
+
+@dataclass(frozen=True)
+class DriverStatement:
+    """A statement every request runs, as psycopg2 SQL: prepared once per
+    connection (``PREPARE``, sent with the first ``EXECUTE``), which spares
+    the server parsing and planning it each time, or plain."""
+
+    name: str
+    prepare: str
+    execute: str
+    plain: str
+
+    @classmethod
+    def build(
+        cls, what: str, stmt: sa.ClauseElement, dialect: sa.Dialect, positional: sa.Dialect
+    ) -> DriverStatement:
+        """:param positional: ``dialect`` with ``$1`` parameters."""
+        compiled = t.cast(SQLCompiler, stmt.compile(dialect=positional))
+        name = f"flask_serverside_{what}"
+        body = str(compiled).replace("%", "%%")  # psycopg2 interpolates
+        args = ", ".join(f"%({param})s" for param in compiled.positiontup or ())
+        return cls(
+            name=name,
+            prepare=f"PREPARE {name} AS {body}",
+            execute=f"EXECUTE {name}({args})",
+            plain=str(stmt.compile(dialect=dialect)),
+        )
+
+
+
+def own_rows(table: sa.Table, prefix: str, dialect: str) -> sa.ColumnElement[bool]:
+    """Select the rows of keys under ``prefix``: the key prefix followed by
+    exactly 64 lowercase hex digits, as the extension builds keys.
+
+    ``LIKE`` narrows the search (with ``%`` and ``_`` escaped), but it
+    ignores case on SQLite, so the prefix is compared again exactly; a
+    longer prefix that starts with this one (``app:admin:`` after
+    ``app:``) gives longer keys. The digits are checked with ``GLOB`` on
+    SQLite and a regular expression on PostgreSQL; on other dialects
+    only their number is.
+    """
+    column = table.c.id
+    start = len(prefix)
+    tail = sa.func.substr(column, start + 1)
+    conditions = [
+        column.startswith(prefix, autoescape=True),
+        sa.func.substr(column, 1, start) == prefix,
+        sa.func.length(column) == start + DIGEST_LENGTH,
+    ]
+    if dialect == "sqlite":
+        conditions.append(tail.op("GLOB")("[0-9a-f]" * DIGEST_LENGTH))
+    elif dialect == "postgresql":
+        conditions.append(tail.regexp_match(f"^[0-9a-f]{{{DIGEST_LENGTH}}}$"))
+    return sa.and_(*conditions)
+
+
+def write_row(conn: sa.Connection, sql: Statements, row: dict[str, t.Any]) -> None:
+    """Insert or replace a row: ``id``, ``data`` and ``expires``."""
+    if sql.upsert is not None:
+        conn.execute(sql.upsert, row)
+        return
+
+    # Replace a row on databases without an upsert statement.
+    values = {"key": row["id"], "new_data": row["data"], "new_expires": row["expires"]}
+
+    if conn.execute(sql.update, values).rowcount == 0:
+        conn.execute(sql.insert, row)
+
+
+def record(row: t.Any) -> Record | None:
+    """The record of a selected ``(data, expires)`` row."""
+    if row is None:
+        return None
+
+    return Record(bytes(row[0]), utc_timestamp(row[1]))
