@@ -8,6 +8,7 @@ import logging
 import os
 import secrets
 import struct
+import sys
 import threading
 import time
 import typing as t
@@ -185,7 +186,7 @@ class FileSystemBackend(Backend):
         try:
             # flock, unlike lockf, also excludes threads of one process, as
             # each call opens its own file description.
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            _flock(fd)
             held.add(shard)
             yield
         finally:
@@ -242,6 +243,34 @@ class FileSystemBackend(Backend):
         for entry in _scan(self.directory):
             if entry.is_dir(follow_symlinks=False) and len(entry.name) == 2:
                 yield entry.path
+
+
+def _flock(fd: int) -> None:
+    """Lock ``fd`` exclusively, waiting as long as its holder keeps it.
+
+    Under gevent's monkey-patching, a blocking :func:`fcntl.flock` would
+    stop every greenlet of the process, the holder's too (which may never
+    get to let go): there the wait polls without blocking, with gevent's
+    :func:`time.sleep` in between, which lets the others run.
+    """
+    if not _gevent_patched():
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return
+    delay = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+
+
+def _gevent_patched() -> bool:
+    """Whether gevent has monkey-patched :mod:`time` (and so the process
+    runs its requests in greenlets of one thread)."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and bool(monkey.is_module_patched("time"))
 
 
 @functools.lru_cache(maxsize=32)
