@@ -8,9 +8,12 @@ offers an exclusive section per key.
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import re
+import sys
 import threading
+import time
 import typing as t
 from abc import ABC
 from abc import abstractmethod
@@ -224,3 +227,31 @@ def utc_timestamp(value: datetime) -> float:
     if value.tzinfo is None:
         value = value.replace(tzinfo=timezone.utc)
     return value.timestamp()
+
+
+def flock_exclusive(fd: int) -> None:
+    """Lock ``fd`` exclusively, waiting as long as its holder keeps it.
+
+    Under gevent's monkey-patching, a blocking :func:`fcntl.flock` would
+    stop every greenlet of the process, the holder's too (which may never
+    get to let go): there the wait polls without blocking, with gevent's
+    :func:`time.sleep` in between, which lets the others run.
+    """
+    if not gevent_patched():
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return
+    delay = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+
+
+def gevent_patched() -> bool:
+    """Whether gevent has monkey-patched :mod:`time` (and so the process
+    runs its requests in greenlets of one thread)."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and bool(monkey.is_module_patched("time"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import logging
 import os
@@ -18,6 +17,7 @@ from urllib.parse import quote
 
 from .base import Backend
 from .base import DIGEST_LENGTH
+from .base import flock_exclusive
 from .base import is_session_key
 from .base import Record
 from .base import Reentrant
@@ -184,7 +184,7 @@ class FileSystemBackend(Backend):
         try:
             # flock, unlike lockf, also excludes threads of one process, as
             # each call opens its own file description.
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            flock_exclusive(fd)
             yield
         finally:
             os.close(fd)

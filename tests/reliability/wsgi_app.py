@@ -11,6 +11,15 @@ of that request take that much longer (a slow disk or network), and marks
 the time spent so with a file in the instance folder; ``/destroy`` with an
 ``X-When-Saving`` header waits until such a write is under way in any
 worker, so that the logout lands inside another request's save.
+
+``/hold/<sid>/<seconds>?name=<name>`` enters the session lock of ``sid``
+and holds it for ``seconds``; it marks its wait (``waiting-<name>``) and its
+hold (``held-<name>``) with files in the instance folder, and answers the
+times (``time.monotonic()``) it got and left the lock. ``/clock`` touches no
+session and answers the time it ran.
+
+With ``RELIABILITY_PSYCOGREEN=1`` the app makes psycopg2 wait through
+gevent's hub (psycogreen), as the docs tell gevent deployments to.
 """
 
 from __future__ import annotations
@@ -52,6 +61,10 @@ class SlowSaves(DelegatingBackend):
 
 
 def create_app() -> Flask:
+    if os.environ.get("RELIABILITY_PSYCOGREEN") == "1":
+        from psycogreen.gevent import patch_psycopg  # type: ignore[import-not-found]
+
+        patch_psycopg()
     app = Flask(__name__, instance_path=os.environ["RELIABILITY_INSTANCE"])
     app.config["SECRET_KEY"] = "reliability"
     app.config.update(json.loads(os.environ.get("RELIABILITY_CONFIG", "{}")))
@@ -105,5 +118,23 @@ def create_app() -> Flask:
     @app.get("/exists/<sid>")
     def exists(sid: str) -> ResponseReturnValue:
         return jsonify(app.extensions["serverside"].get(sid) is not None)
+
+    def mark(name: str) -> None:
+        open(os.path.join(app.instance_path, name), "w").close()
+
+    @app.get("/hold/<sid>/<float:seconds>")
+    def hold(sid: str, seconds: float) -> ResponseReturnValue:
+        name = request.args["name"]
+        mark(f"waiting-{name}")
+        with store.backend.lock(store.key(sid)):
+            acquired = time.monotonic()
+            mark(f"held-{name}")
+            time.sleep(seconds)
+            released = time.monotonic()
+        return jsonify(acquired=acquired, released=released, pid=os.getpid())
+
+    @app.get("/clock")
+    def clock() -> ResponseReturnValue:
+        return jsonify(time=time.monotonic(), pid=os.getpid())
 
     return app
