@@ -15,8 +15,8 @@ from flask.sessions import SessionInterface
 from . import ids
 from . import signals
 from .exceptions import BackendUnavailable
+from .saving import Outcome
 from .session import ServerSideSession
-from .store import Outcome
 
 if t.TYPE_CHECKING:
     from flask import Flask

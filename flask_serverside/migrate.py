@@ -38,7 +38,7 @@ from .store import Copy
 if t.TYPE_CHECKING:
     from flask import Flask
 
-    from .store import Loaded
+    from .record import Loaded
     from .store import SessionStore
 
 __all__ = [

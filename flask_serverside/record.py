@@ -83,3 +83,28 @@ def _decode_extra(raw: bytes) -> dict[str, str]:
     ):
         raise ValueError("the record's metadata is not an object of strings")
     return t.cast("dict[str, str]", value)
+
+
+@dataclass
+class Loaded:
+    """A session as read from the store.
+
+    :param data: The decoded data, owned by the session from now on.
+    :param raw: The serialized data as stored, to find changes at save time.
+    :param expires: The stored expiry, as a Unix timestamp.
+    :param meta: The record's metadata (creation time, user binding).
+    :param stored: The whole stored record, header included, to check at
+        save time that nobody else wrote it meanwhile.
+    :param sid: The ID the session is stored under now, when it is not the
+        one asked for: its ID was renewed.
+    :param renewed: Whether this load renewed the ID (rather than following
+        an earlier renewal).
+    """
+
+    data: dict[str, t.Any]
+    raw: bytes
+    expires: float
+    meta: Meta
+    stored: bytes
+    sid: str | None = None
+    renewed: bool = False

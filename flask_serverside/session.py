@@ -15,8 +15,8 @@ from flask.sessions import SessionMixin
 from . import users
 
 if t.TYPE_CHECKING:
+    from .record import Loaded
     from .serializers import Serializer
-    from .store import Loaded
     from .store import SessionStore
 
 _PERMANENT = "_permanent"

@@ -15,74 +15,25 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from . import clocks as clock
 from . import ids
 from . import record as records
+from . import renewal
+from . import saving
 from . import users
 from .exceptions import BackendUnavailable
 from .exceptions import SessionTooLarge
-from .session import is_empty
+from .record import Loaded
+from .saving import Outcome
 
 if t.TYPE_CHECKING:
     from .backends.base import Backend
     from .backends.base import Record
+    from .clocks import Clocks
     from .serializers import Serializer
     from .session import ServerSideSession
 
 logger = logging.getLogger("flask_serverside")
 T = t.TypeVar("T")
-
-#: Seconds a request may hold its loaded copy of an unmodified session
-#: before its save confirms that the record still exists: a slow request
-#: confirms its record still exists before re-sending the cookie, so that it
-#: does not put back the cookie of a session another request regenerated or
-#: destroyed meanwhile. Faster requests refresh the cookie without asking the
-#: store, unless ``SESSION_TOUCH_INTERVAL`` is due.
-CONFIRM_AFTER = 1.0
-
-
-@dataclass
-class Loaded:
-    """A session as read from the store.
-
-    :param data: The decoded data, owned by the session from now on.
-    :param raw: The serialized data as stored, to find changes at save time.
-    :param expires: The stored expiry, as a Unix timestamp.
-    :param meta: The record's metadata (creation time, user binding).
-    :param stored: The whole stored record, header included, to check at
-        save time that nobody else wrote it meanwhile.
-    :param sid: The ID the session is stored under now, when it is not the
-        one asked for: its ID was renewed.
-    :param renewed: Whether this load renewed the ID (rather than following
-        an earlier renewal).
-    """
-
-    data: dict[str, t.Any]
-    raw: bytes
-    expires: float
-    meta: records.Meta
-    stored: bytes
-    sid: str | None = None
-    renewed: bool = False
-
-
-class Outcome(enum.Enum):
-    """What saving a session did to the store."""
-
-    #: Nothing stored, nothing changed.
-    NOTHING = "nothing"
-    #: Unchanged; its expiry may have been extended.
-    KEPT = "kept"
-    #: A new record was created, or the record moved to a new ID.
-    CREATED = "created"
-    #: The record was rewritten.
-    WRITTEN = "written"
-    #: The merged session was empty, so its record was removed.
-    EMPTIED = "emptied"
-    #: The record was gone by the time of the save: another request destroyed
-    #: or regenerated the session, or it expired. Changes are dropped and no
-    #: cookie is sent.
-    DROPPED = "dropped"
 
 
 class Copy(enum.Enum):
@@ -138,7 +89,7 @@ class SessionStore:
     id_bytes: int
     max_bytes: int
     touch_interval: float
-    clocks: clock.Clocks | None = None
+    clocks: Clocks | None = None
     #: ``SESSION_TRACK_DEVICE``: store the client address and User-Agent
     #: with a user binding.
     track_device: bool = True
@@ -185,10 +136,10 @@ class SessionStore:
         key = self.key(sid)
         record = self._call("loading", self.backend.load, key)
         if self.clocks is None:
-            loaded = self._decode(record, time.time())
+            loaded = self.decode(record, time.time())
         else:
             with self._guard("loading"):
-                loaded = self._clocked(sid, record, self.clocks, renew)
+                loaded = renewal.load(self, sid, record, self.clocks, renew)
         if loaded is not None and self.check_index and loaded.meta.user_id is not None:
             key = key if loaded.sid is None else self.key(loaded.sid)
             if not self._call("loading", users.indexed, self, loaded.meta, key):
@@ -217,7 +168,7 @@ class SessionStore:
         key = self.key(sid)
         with self._guard("copying"), self.backend.lock(key):
             # Another request may have copied it since this one looked.
-            current = self._decode(self.backend.load(key), time.time())
+            current = self.decode(self.backend.load(key), time.time())
             if current is not None:
                 return Copy.PRESENT, current
             found = fetch()
@@ -242,7 +193,7 @@ class SessionStore:
                 raise
         return Copy.COPIED, Loaded(data, raw, expires, meta, stored)
 
-    def _decode(self, record: Record | None, now: float) -> Loaded | None:
+    def decode(self, record: Record | None, now: float) -> Loaded | None:
         if record is None or record.expires <= now:
             return None
         try:
@@ -252,103 +203,6 @@ class SessionStore:
             logger.warning("Ignoring a session record that fails to decode: %r", exc)
             return None
         return Loaded(data, raw, record.expires, meta, record.data)
-
-    @staticmethod
-    def _peek(record: Record | None, now: float) -> records.Meta | None:
-        """The header of a live record, or ``None``."""
-        if record is None or record.expires <= now:
-            return None
-        try:
-            return records.unpack(record.data)[0]
-        except ValueError:
-            return None
-
-    def _clocked(
-        self, sid: str, record: Record | None, clocks: clock.Clocks, renew: bool
-    ) -> Loaded | None:
-        """:meth:`load` with the absolute lifetime and ID renewal applied."""
-        now = time.time()
-        meta = self._peek(record, now)
-        if meta is not None and clock.RENEWED in meta.extra:
-            return self._follow(sid, meta, clocks, now)
-        loaded = self._decode(record, now)
-        if loaded is None:
-            return None
-        if loaded.meta.created is None:
-            # A record from before headers: its lifetime starts now.
-            loaded.meta = records.Meta(now, now, loaded.meta.extra)
-        if clocks.ended(loaded.meta, now):
-            self._end(self.key(sid), clocks)
-            return None
-        if renew and clocks.renewal_due(loaded.meta, now):
-            return self._renew(sid, clocks, loaded.meta.user_id)
-        return loaded
-
-    def _end(self, key: str, clocks: clock.Clocks) -> None:
-        """Remove a record past its absolute lifetime, under its lock, so a
-        request in the middle of its locked write cannot put it back."""
-        with self.backend.lock(key):
-            now = time.time()
-            meta = self._peek(self.backend.load(key), now)
-            if meta is not None and clocks.ended(meta, now):
-                self.backend.delete(key)
-
-    def _follow(
-        self, sid: str, pointer: records.Meta, clocks: clock.Clocks, now: float
-    ) -> Loaded | None:
-        """The session a renewed ID points to, within the grace period."""
-        new_sid = self._pointer_target(sid, pointer, clocks, now)
-        if new_sid is None:
-            return None
-        loaded = self._decode(self.backend.load(self.key(new_sid)), now)
-        if loaded is None or clocks.ended(loaded.meta, now):
-            return None
-        loaded.sid = new_sid
-        return loaded
-
-    @staticmethod
-    def _pointer_target(
-        sid: str, pointer: records.Meta, clocks: clock.Clocks, now: float
-    ) -> str | None:
-        if not clocks.pointer_live(pointer, now):
-            return None
-        return clock.unseal(pointer.extra[clock.RENEWED], sid)
-
-    def _renew(self, sid: str, clocks: clock.Clocks, user_id: str | None) -> Loaded | None:
-        """Move a session whose renewal is due to a new ID, once: requests
-        that arrive meanwhile find the pointer under the lock and follow it.
-        A bound session's index is locked first, as for any move."""
-        key = self.key(sid)
-        with users.section(self, user_id), self.backend.lock(key):
-            record = self.backend.load(key)
-            now = time.time()
-            meta = self._peek(record, now)
-            if meta is not None and clock.RENEWED in meta.extra:
-                return self._follow(sid, meta, clocks, now)
-            loaded = self._decode(record, now)
-            if loaded is None or not clocks.renewal_due(loaded.meta, now):
-                return loaded
-            return self._move_to_new_id(sid, loaded, clocks, now)
-
-    def _move_to_new_id(
-        self, old_sid: str, loaded: Loaded, clocks: clock.Clocks, now: float
-    ) -> Loaded:
-        """Store a session under a new ID (data, creation time and binding
-        kept; issued now) and leave a pointer to it under the old key for
-        the grace period. Called under the old key's lock."""
-        new_sid = self.new_id()
-        meta = records.Meta(loaded.meta.created, now, dict(loaded.meta.extra))
-        stored = records.pack(meta, loaded.raw)
-        self.backend.save(self.key(new_sid), stored, loaded.expires)
-        self.moved(meta, self.key(new_sid), loaded.expires)
-        if clocks.grace > 0:
-            sealed = {clock.RENEWED: clock.seal(new_sid, old_sid)}
-            pointer = records.pack(records.Meta(loaded.meta.created, now, sealed), b"")
-            expires = min(loaded.expires, now + clocks.grace)
-            self.backend.save(self.key(old_sid), pointer, expires)
-        else:
-            self.backend.delete(self.key(old_sid))
-        return Loaded(loaded.data, loaded.raw, loaded.expires, meta, stored, new_sid, True)
 
     def _encode(self, data: dict[str, t.Any]) -> bytes:
         raw = self.serializer.dumps(data)
@@ -372,18 +226,18 @@ class SessionStore:
         key = self.key(sid)
         new_sid = None
         if self.clocks is not None:
-            new_sid = self._renewed_to(sid, self.backend.load(key), time.time())
+            new_sid = renewal.renewed_to(self, sid, self.backend.load(key), time.time())
         if self.adopter is None:
-            deleted = self._delete(key)
+            deleted = self.delete_record(key)
         else:
             with self.backend.lock(key):
                 forgotten = self.adopter.forget(sid)
                 deleted = self.backend.delete(key) or forgotten
         if new_sid is not None:
-            deleted = self._delete(self.key(new_sid)) or deleted
+            deleted = self.delete_record(self.key(new_sid)) or deleted
         return deleted
 
-    def _delete(self, key: str) -> bool:
+    def delete_record(self, key: str) -> bool:
         # Inside the key's exclusive section: a request in the middle of its
         # locked write must not put the record back after it is removed.
         with self.backend.lock(key):
@@ -399,40 +253,7 @@ class SessionStore:
             record is as it was.
         """
         with self._guard("saving"):
-            if session.destroyed_sid is not None:
-                session.destroy_removed = self._delete(self.key(session.destroyed_sid))
-            user_id = self._moving_user(session)
-            if user_id is None:
-                outcome = self._save(session, lifetime)
-                if outcome is Outcome.WRITTEN and session.stored is not None:
-                    # A write moves the expiry, as a touch does.
-                    users.touched(self, session.stored.meta, time.time() + lifetime)
-                return outcome
-            # The index's section first: no revoke runs between the record's
-            # move and its index entry's.
-            with users.section(self, user_id):
-                outcome = self._save(session, lifetime)
-                if outcome is Outcome.CREATED:
-                    self._index(session, time.time() + lifetime)
-                return outcome
-
-    def _moving_user(self, session: ServerSideSession) -> str | None:
-        """The user whose index this save changes: the one being bound, or
-        the one of a bound session moving to a new ID."""
-        if session.binding is not None:
-            return session.binding["user"]
-        if session.regenerated_from is None or session.stored is None:
-            return None
-        return session.stored.meta.user_id
-
-    def _index(self, session: ServerSideSession, expires: float) -> None:
-        key = self.key(session.sid)
-        if session.binding is None:
-            assert session.stored is not None
-            self.moved(session.stored.meta, key, expires)
-            return
-        meta = records.Meta(extra=session.binding)
-        session.evicted = users.bound(self, meta, key, expires, self.max_per_user)
+            return saving.save(self, session, lifetime)
 
     def moved(self, meta: records.Meta, new_key: str, expires: float) -> None:
         """Record that a session moved to a new storage key.
@@ -446,158 +267,6 @@ class SessionStore:
         .. versionadded:: 0.2
         """
         users.moved(self, meta, new_key, expires)
-
-    def _save(self, session: ServerSideSession, lifetime: float) -> Outcome:
-        if session.stored is None:
-            return self._create(session, lifetime)
-        if self.clocks is not None and self._ended(session, self.clocks):
-            return Outcome.DROPPED
-        raw = self.serializer.dumps(session.data)
-        if (
-            raw == session.stored.raw
-            and session.regenerated_from is None
-            and session.new_created is None
-        ):
-            return self._touch(session, session.stored, lifetime)
-        return self._write(session, session.stored, raw, lifetime)
-
-    def _create(self, session: ServerSideSession, lifetime: float) -> Outcome:
-        if is_empty(session.data) and session.binding is None:
-            return Outcome.NOTHING
-        raw = self._encode(session.data)
-        now = time.time()
-        meta = records.Meta(created=now, issued=now, extra=session.binding or {})
-        stored = records.pack(meta, raw)
-        self.backend.save(self.key(session.sid), stored, now + lifetime)
-        return Outcome.CREATED
-
-    def _ended(self, session: ServerSideSession, clocks: clock.Clocks) -> bool:
-        """Whether the session passed its absolute lifetime while this request
-        ran; if so its record is removed and nothing is saved."""
-        assert session.stored is not None
-        if not clocks.ended(session.stored.meta, time.time()):
-            return False
-        self._end(self.key(session.regenerated_from or session.sid), clocks)
-        logger.info("Dropping this request's session changes: the session ended.")
-        return True
-
-    def _touch(self, session: ServerSideSession, stored: Loaded, lifetime: float) -> Outcome:
-        """Extend an unmodified session's record when the touch interval is
-        due, or when the request held its copy for over :data:`CONFIRM_AFTER`
-        seconds; a record found gone (destroyed, regenerated or expired
-        meanwhile) is :attr:`Outcome.DROPPED`."""
-        now = time.time()
-        if stored.expires <= now:
-            # Expired while this request ran: touching would bring it back.
-            return Outcome.DROPPED
-        due = now - (stored.expires - lifetime) >= min(self.touch_interval, lifetime / 2)
-        slow = time.monotonic() - session.loaded_at > CONFIRM_AFTER
-        if due or slow:
-            if not self.backend.touch(self.key(session.sid), now + lifetime):
-                return Outcome.DROPPED
-            users.touched(self, stored.meta, now + lifetime)
-        return Outcome.KEPT
-
-    def _write(
-        self, session: ServerSideSession, stored: Loaded, raw: bytes, lifetime: float
-    ) -> Outcome:
-        """Write the session, in one atomic step if nobody else wrote it since
-        this request read it, else inside the exclusive section of its key.
-
-        If another request wrote the record since this one read it, this
-        request's changed keys are applied to the fresh record instead.
-        """
-        if self._replace(session, stored, raw, lifetime):
-            return Outcome.WRITTEN
-        sid = session.regenerated_from or session.sid
-        key = self.key(sid)
-        with self.backend.lock(key):
-            now = time.time()
-            record = self.backend.load(key)
-            moved = self._renewed_to(sid, record, now)
-            if moved is None:
-                return self._write_locked(session, stored, raw, lifetime, key, record, now)
-        # Renewed since this request read it: the changes go to the new ID.
-        session.follow_renewal(moved)
-        return self._write(session, stored, raw, lifetime)
-
-    def _renewed_to(self, sid: str, record: Record | None, now: float) -> str | None:
-        """The new ID of a session renewed within the grace period."""
-        if self.clocks is None:
-            return None
-        meta = self._peek(record, now)
-        if meta is None or clock.RENEWED not in meta.extra:
-            return None
-        return self._pointer_target(sid, meta, self.clocks, now)
-
-    def _write_locked(
-        self,
-        session: ServerSideSession,
-        stored: Loaded,
-        raw: bytes,
-        lifetime: float,
-        key: str,
-        record: Record | None,
-        now: float,
-    ) -> Outcome:
-        """The part of :meth:`_write` inside the exclusive section of ``key``,
-        whose ``record`` was read there."""
-        data, meta = session.data, stored.meta
-        if record is None or record.expires <= now or record.data != stored.stored:
-            current = self._decode(record, now)
-            merged = self._merge(session, current)
-            if current is None or merged is None:
-                return Outcome.DROPPED
-            data, raw, meta = merged, self.serializer.dumps(merged), current.meta
-        if is_empty(data) and session.binding is None:
-            self.backend.delete(key)
-            return Outcome.EMPTIED
-        self._check_size(raw)
-        meta = _restarted(session, meta)
-        if session.regenerated_from is None:
-            self.backend.save(key, records.pack(meta, raw), now + lifetime)
-            return Outcome.WRITTEN
-        meta = records.Meta(meta.created, now, session.binding or meta.extra)
-        self.backend.save(self.key(session.sid), records.pack(meta, raw), now + lifetime)
-        self.backend.delete(key)
-        return Outcome.CREATED
-
-    def _replace(
-        self, session: ServerSideSession, stored: Loaded, raw: bytes, lifetime: float
-    ) -> bool:
-        """The fast path of :meth:`_write` for a plain rewrite of a record.
-
-        Regenerating, emptying and an oversized session take the locked path,
-        which handles them.
-        """
-        if session.regenerated_from is not None or is_empty(session.data):
-            return False
-        if len(raw) > self.max_bytes:
-            return False
-        key = self.key(session.sid)
-        data = records.pack(_restarted(session, stored.meta), raw)
-        return self.backend.replace(key, stored.stored, data, time.time() + lifetime)
-
-    def _merge(
-        self, session: ServerSideSession, current: Loaded | None
-    ) -> dict[str, t.Any] | None:
-        """This request's changes applied to a record another request wrote,
-        or ``None`` if that request destroyed or regenerated the session."""
-        if current is None:
-            logger.info(
-                "Dropping this request's session changes: the session expired,"
-                " or another request destroyed or regenerated it, meanwhile."
-            )
-            return None
-        if session.cleared:
-            return dict(session.data)
-        merged = current.data
-        for key in session.changed_keys(self.serializer):
-            if key in session.data:
-                merged[key] = session.data[key]
-            else:
-                merged.pop(key, None)
-        return merged
 
     def users_call(self, action: str, func: Callable[..., T], *args: t.Any) -> T:
         """Run one of :mod:`.users`' operations on this store."""
@@ -629,10 +298,3 @@ def _error_text(exc: BaseException) -> str:
     """The exception's type and message on one line, for the log."""
     message = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-
-def _restarted(session: ServerSideSession, meta: records.Meta) -> records.Meta:
-    """The header to write: with a new creation time if the session's
-    absolute lifetime was restarted (binding to another user)."""
-    if session.new_created is None:
-        return meta
-    return records.Meta(session.new_created, meta.issued, meta.extra)

@@ -21,9 +21,9 @@ from markupsafe import Markup
 from werkzeug.http import parse_cookie
 
 from flask_serverside import ids
+from flask_serverside import saving
 from flask_serverside import SessionTooLarge
 from flask_serverside import signals
-from flask_serverside import store as store_module
 from tests.conftest import build_app
 
 MALFORMED_COOKIES = [
@@ -616,7 +616,7 @@ class TestConcurrency:
         regenerated or destroyed it sends no ``Set-Cookie`` once it has held
         its copy longer than the confirmation bound."""
         bound = 0.05
-        monkeypatch.setattr(store_module, "CONFIRM_AFTER", bound)
+        monkeypatch.setattr(saving, "CONFIRM_AFTER", bound)
         barrier, gate = threading.Barrier(2), threading.Event()
 
         @app.get("/slow-get")
