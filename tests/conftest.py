@@ -17,12 +17,17 @@ from flask_serverside.backends import Backend
 from flask_serverside.backends import Record
 from flask_serverside.config import defaults
 from flask_serverside.config import make_backend
-from tests.servers import Server
 from tests.servers import ServerNotFound
 from tests.wrappers import DelegatingBackend
 
 #: Every store the contract tests run on.
 BACKENDS = ["filesystem", "sqlite", "postgres", "simple", "redis", "memcached"]
+#: Redis deployments the contract runs on in ``test_redis_ha.py`` only (not
+#: on every test): store name to its server fixture.
+REDIS_DEPLOYMENTS = {
+    "redis-cluster": "redis_cluster_server",
+    "redis-sentinel": "redis_sentinel_server",
+}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -34,11 +39,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-def start_server(request: pytest.FixtureRequest, tmp: os.PathLike[str], name: str) -> Server:
+def start_server(request: pytest.FixtureRequest, tmp: os.PathLike[str], name: str) -> t.Any:
     """Start ``tests/servers/<name>.py``'s server, or skip when it is missing."""
     module = importlib.import_module(f"tests.servers.{name}")
     try:
-        return t.cast(Server, module.start(tmp))
+        return module.start(tmp)
     except ServerNotFound as exc:
         if request.config.getoption("--require-servers"):
             pytest.fail(f"{name} is required (CI or --require-servers): {exc}")
@@ -49,7 +54,7 @@ def _server_fixture(name: str) -> t.Any:
     @pytest.fixture(scope="session", name=f"{name}_server")
     def fixture(
         request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-    ) -> Iterator[Server]:
+    ) -> Iterator[t.Any]:
         server = start_server(request, tmp_path_factory.mktemp(name), name)
         yield server
         server.stop()
@@ -60,6 +65,11 @@ def _server_fixture(name: str) -> t.Any:
 postgres_server = _server_fixture("postgres")
 redis_server = _server_fixture("redis")
 memcached_server = _server_fixture("memcached")
+#: :class:`tests.servers.redis_cluster.RedisCluster`: 3 primaries, 3 replicas.
+redis_cluster_server = _server_fixture("redis_cluster")
+#: :class:`tests.servers.redis_sentinel.RedisSentinel`: a primary, a
+#: replica and 3 sentinels.
+redis_sentinel_server = _server_fixture("redis_sentinel")
 
 
 class CountingBackend(DelegatingBackend):
@@ -131,7 +141,7 @@ def store_config(request: pytest.FixtureRequest, name: str) -> dict[str, t.Any]:
         }
     if name == "simple":
         return {"SESSION_BACKEND": "cachelib", "SESSION_CACHELIB": "simple://"}
-    server = request.getfixturevalue(f"{name}_server")
+    server = request.getfixturevalue(REDIS_DEPLOYMENTS.get(name, f"{name}_server"))
     return {
         "SESSION_BACKEND": "cachelib",
         "SESSION_CACHELIB": server.url,

@@ -43,7 +43,7 @@ MALFORMED_COOKIES = [
 
 #: The stores whose :meth:`.Backend.replace` writes: a plain rewrite of a
 #: session there is one atomic step, without a lock.
-ONE_STEP_WRITES = {"sqlite", "postgres", "redis", "memcached"}
+ONE_STEP_WRITES = {"sqlite", "postgres", "redis", "memcached", "redis-cluster", "redis-sentinel"}
 
 
 def set_cookies(response: t.Any) -> dict[str, str]:
