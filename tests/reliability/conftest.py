@@ -26,6 +26,6 @@ def pytest_terminal_summary(terminalreporter: t.Any) -> None:
     if not FIGURES:
         return
     terminalreporter.section("reliability figures")
-    for suite in ("load", "crash", "outages", "fuzz", "security"):
+    for suite in ("load", "crash", "outages", "fuzz", "security", "failover"):
         if suite in FIGURES:
             terminalreporter.write_line(summary_line(suite))
