@@ -3,6 +3,7 @@ it describes."""
 
 from __future__ import annotations
 
+import importlib
 import re
 import sys
 import typing as t
@@ -22,15 +23,26 @@ SOCKET_TIMEOUT = 5.0
 
 _URL_FORMS = (
     "redis://[:password@]host[:port][/db], rediss://[:password@]host[:port][/db],"
+    " redis+cluster://host:port[,host:port...],"
+    " redis+sentinel://host:port[,host:port...]/SERVICE[/db] (a password of the"
+    " Redis servers goes before the first host, as in redis://),"
     " memcached://host:port[,host:port...] or simple://"
 )
+#: Default ports of the hosts of each distributed scheme.
+_DEFAULT_PORTS = {"redis+cluster": 6379, "redis+sentinel": 26379}
 
 
 def cache_from_url(url: str) -> BaseCache:
     """Build the cache that a ``SESSION_CACHELIB`` URL describes.
 
     ``redis://[:password@]host[:port][/db]`` (``rediss://`` for TLS) gives a
-    :class:`~cachelib.RedisCache`, ``memcached://host:port[,host:port...]`` a
+    :class:`~cachelib.RedisCache`;
+    ``redis+cluster://[:password@]host:port[,host:port...]`` one around a
+    :class:`redis.cluster.RedisCluster` that starts from those nodes;
+    ``redis+sentinel://[:password@]host:port[,host:port...]/SERVICE[/db]``
+    one around the primary that the Redis Sentinels at those addresses name
+    for ``SERVICE`` (:meth:`redis.sentinel.Sentinel.master_for`).
+    ``memcached://host:port[,host:port...]`` a
     :class:`~cachelib.MemcachedCache` on pymemcache, ``simple://`` a
     :class:`~cachelib.SimpleCache` that never evicts live sessions. Network
     clients time out after :data:`SOCKET_TIMEOUT` seconds and report a server
@@ -40,11 +52,18 @@ def cache_from_url(url: str) -> BaseCache:
     :raises ValueError: The URL is not one of the forms above.
 
     .. versionadded:: 0.1
+
+    .. versionchanged:: 0.2
+        ``redis+cluster://`` and ``redis+sentinel://``.
     """
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
     if sep and scheme in ("redis", "rediss"):
         return _redis_cache(url)
+    if sep and scheme == "redis+cluster":
+        return _cluster_cache(url, rest)
+    if sep and scheme == "redis+sentinel":
+        return _sentinel_cache(url, rest)
     if sep and scheme == "memcached":
         return _memcached_cache(url, rest)
     if sep and scheme == "simple" and not rest:
@@ -73,14 +92,76 @@ def _redis_cache(url: str) -> RedisCache:
         host=parts.hostname,
         port=port or 6379,
         db=int(db.group(1) or 0),
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
         ssl=parts.scheme == "rediss",
-        socket_timeout=SOCKET_TIMEOUT,
-        socket_connect_timeout=SOCKET_TIMEOUT,
         # One retry reconnects a pooled connection that a restart closed;
         # more would only multiply the wait while the server hangs.
-        retry=redis.retry.Retry(redis.backoff.NoBackoff(), 1),
+        retry=_one_retry(redis),
+        **_redis_options(parts.username, parts.password),
+    )
+    return RedisCache(client)
+
+
+def _redis_options(username: str | None, password: str | None) -> dict[str, t.Any]:
+    """The options of every client of a Redis server, as for ``redis://``."""
+    return {
+        "username": unquote(username) if username else None,
+        "password": unquote(password) if password else None,
+        "socket_timeout": SOCKET_TIMEOUT,
+        "socket_connect_timeout": SOCKET_TIMEOUT,
+    }
+
+
+def _one_retry(redis: t.Any) -> t.Any:
+    """One immediate retry, as the ``redis://`` client makes."""
+    return redis.retry.Retry(redis.backoff.NoBackoff(), 1)
+
+
+def _hosts(url: str, scheme: str, netloc: str) -> tuple[list[tuple[str, int]], dict[str, str]]:
+    """The ``host:port`` pairs of a distributed URL, and its credentials."""
+    userinfo, _, hosts = netloc.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    pairs = []
+    for item in hosts.split(","):
+        parts = urlsplit(f"//{item}")
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise _bad_url(url, f"the port of {item!r} is not a number from 1 to 65535") from exc
+        if not parts.hostname or parts.username or parts.password:
+            raise _bad_url(url, f"{item!r} is not a host:port pair")
+        pairs.append((parts.hostname, port or _DEFAULT_PORTS[scheme]))
+    return pairs, {"username": username, "password": password}
+
+
+def _cluster_cache(url: str, rest: str) -> RedisCache:
+    netloc, slash, path = rest.partition("/")
+    if path or slash or "?" in netloc or "#" in netloc:
+        raise _bad_url(url, "a cluster has no db number, nothing may follow its hosts")
+    hosts, credentials = _hosts(url, "redis+cluster", netloc)
+    redis = _import("redis", url)
+    cluster = importlib.import_module("redis.cluster")
+    client = cluster.RedisCluster(
+        startup_nodes=[cluster.ClusterNode(host, port) for host, port in hosts],
+        retry=_one_retry(redis),
+        **_redis_options(**credentials),
+    )
+    return RedisCache(client)
+
+
+def _sentinel_cache(url: str, rest: str) -> RedisCache:
+    match = re.fullmatch(r"([^/?#]*)/([^/?#]+)(?:/(\d+))?", rest)
+    if match is None:
+        raise _bad_url(url, "it needs the sentinels' host:port pairs, /SERVICE, and maybe /db")
+    hosts, credentials = _hosts(url, "redis+sentinel", match.group(1))
+    redis = _import("redis", url)
+    sentinel = importlib.import_module("redis.sentinel")
+    timeouts = {"socket_timeout": SOCKET_TIMEOUT, "socket_connect_timeout": SOCKET_TIMEOUT}
+    sentinels = sentinel.Sentinel(hosts, sentinel_kwargs=timeouts)
+    client = sentinels.master_for(
+        unquote(match.group(2)),
+        db=int(match.group(3) or 0),
+        retry=_one_retry(redis),
+        **_redis_options(**credentials),
     )
     return RedisCache(client)
 

@@ -31,6 +31,13 @@ POSTGRES_VARIANTS = {
     "pgbouncer-psycopg": ("pgbouncer_server", "url_psycopg"),
 }
 
+#: Redis deployments the contract runs on in ``test_redis_ha.py`` only (not
+#: on every test): store name to its server fixture.
+REDIS_DEPLOYMENTS = {
+    "redis-cluster": "redis_cluster_server",
+    "redis-sentinel": "redis_sentinel_server",
+}
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
@@ -153,7 +160,7 @@ def store_config(request: pytest.FixtureRequest, name: str) -> dict[str, t.Any]:
         }
     if name == "simple":
         return {"SESSION_BACKEND": "cachelib", "SESSION_CACHELIB": "simple://"}
-    server = request.getfixturevalue(f"{name}_server")
+    server = request.getfixturevalue(REDIS_DEPLOYMENTS.get(name, f"{name}_server"))
     return {
         "SESSION_BACKEND": "cachelib",
         "SESSION_CACHELIB": server.url,

@@ -32,7 +32,6 @@ from pymemcache.client.base import Client as MemcacheClient  # type: ignore[impo
 from flask_serverside import cache_url
 from flask_serverside import ServerSide
 from flask_serverside.backends import caches
-from flask_serverside.backends import redis as redis_module
 from flask_serverside.backends.cachelib import CacheLibBackend
 from flask_serverside.cache_url import cache_from_url
 from tests.servers import free_port
@@ -439,14 +438,6 @@ def test_redis_replace_run_late_writes_nothing(make: Make, prefix: str) -> None:
     store._replace_window = 1.0  # type: ignore[attr-defined]
     assert backend.load(k).data == b"old"  # type: ignore[union-attr]
     assert backend.replace(k, b"old", b"new", time.time() + 60) is True
-
-
-def test_redis_cluster_writes_under_the_lock() -> None:
-    """A cluster may keep a record and its lock key in different slots,
-    where one script cannot use both: its writes always take the lock."""
-    cluster = object.__new__(redis.cluster.RedisCluster)
-    assert redis_module._is_cluster(cluster)
-    assert not redis_module._is_cluster(redis.Redis())
 
 
 class _LockAfterCheck:

@@ -52,6 +52,9 @@ ONE_STEP_WRITES = {
     "postgres-psycopg",
     "pgbouncer-psycopg2",
     "pgbouncer-psycopg",
+    # Redis deployments (tests/test_redis_ha.py)
+    "redis-cluster",
+    "redis-sentinel",
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import math
+import re
 import time
 import typing as t
 
@@ -82,15 +83,14 @@ class RedisBackend(CacheBackend):
         if client is None:
             raise TypeError(f"{cache!r} is not a cachelib RedisCache or ValkeyCache.")
         self.client = client
+        #: Whether the client is a Redis Cluster's: names then carry the
+        #: digest as their hash tag (see :meth:`_name`).
+        self.cluster = _is_cluster(client)
         self.unavailable_errors = _redis_errors()
         self._release_script = client.register_script(self._RELEASE)
         self._touch_script = client.register_script(self._TOUCH)
-        # A cluster would refuse a script on two keys in different slots.
-        self._replace_script = (
-            None if _is_cluster(client) else client.register_script(self._REPLACE)
-        )
-        pool = getattr(client, "connection_pool", None)
-        timeout = getattr(pool, "connection_kwargs", {}).get("socket_timeout")
+        self._replace_script = client.register_script(self._REPLACE)
+        timeout = _connection_options(client).get("socket_timeout")
         #: How long after it is sent a replace may still run: half the
         #: socket timeout, so that a script a frozen server runs once it
         #: wakes up, after the request gave up on it (and answered 503),
@@ -98,7 +98,13 @@ class RedisBackend(CacheBackend):
         self._replace_window = timeout / 2 if timeout else math.inf
 
     def describe(self) -> str:
+        if self.cluster:
+            nodes = getattr(self.client, "nodes_manager", None)
+            return "redis cluster " + ",".join(getattr(nodes, "startup_nodes", {}))
         pool = getattr(self.client, "connection_pool", None)
+        service = getattr(pool, "service_name", None)
+        if service is not None:
+            return f"redis sentinel {service}"
         options = getattr(pool, "connection_kwargs", {})
         if "host" in options:
             return f"redis {options['host']}:{options.get('port', 6379)}"
@@ -111,18 +117,28 @@ class RedisBackend(CacheBackend):
         prefix = getattr(self.cache, "key_prefix", None)
         return (prefix() if callable(prefix) else prefix) or ""
 
+    def _name(self, key: str) -> str:
+        """The Redis key of a storage key (or of a key derived from one).
+
+        On a cluster, the 64 hex digits of the storage key's digest are
+        wrapped in ``{…}``: Redis then hashes only them, so the record, its
+        lock key, and whatever else is named after the same digest live in
+        one hash slot, and a script may use them together. Elsewhere the
+        name is the storage key, as cachelib would name it.
+        """
+        if self.cluster:
+            key = _DIGEST_AT_END.sub(r"{\1}\2", key, count=1)
+        return self._cache_prefix() + key
+
     def load(self, key: str) -> Record | None:
-        name = self._cache_prefix() + key
+        name = self._name(key)
         return unpack(self.client.get(name), name)
 
     def save(self, key: str, data: bytes, expires: float) -> None:
-        self.client.set(self._cache_prefix() + key, pack(data, expires), px=_ttl_ms(expires))
+        self.client.set(self._name(key), pack(data, expires), px=_ttl_ms(expires))
 
     def replace(self, key: str, expected: bytes, data: bytes, expires: float) -> bool:
-        if self._replace_script is None:
-            return False
-        name = self._cache_prefix() + key
-        keys = [name, name + LOCK_SUFFIX]
+        keys = [self._name(key), self._name(key + LOCK_SUFFIX)]
         deadline = int(min((time.time() + self._replace_window) * 1000, 2**53))
         digest = hashlib.sha1(expected).hexdigest()
         args = [digest, pack(data, expires), _ttl_ms(expires), deadline]
@@ -133,25 +149,38 @@ class RedisBackend(CacheBackend):
         # is gone, and the script never creates one.
         header = HEADER.pack(MARK, expires)
         args = [header, _ttl_ms(expires), MARK]
-        return bool(self._touch_script(keys=[self._cache_prefix() + key], args=args))
+        return bool(self._touch_script(keys=[self._name(key)], args=args))
 
     def delete(self, key: str) -> bool:
-        return bool(self.client.delete(self._cache_prefix() + key))
+        return bool(self.client.delete(self._name(key)))
 
     def take(self, lock_key: str, token: str, ttl: float) -> bool:
-        name = self._cache_prefix() + lock_key
+        name = self._name(lock_key)
         return bool(self.client.set(name, token, nx=True, px=math.ceil(ttl * 1000)))
 
     def give_back(self, lock_key: str, token: str) -> None:
-        self._release_script(keys=[self._cache_prefix() + lock_key], args=[token])
+        self._release_script(keys=[self._name(lock_key)], args=[token])
 
     def _names(self) -> t.Iterator[bytes]:
+        """The names of the session records, on every primary of a cluster."""
         start = self._cache_prefix() + self.configured_prefix()
-        match = glob_escape(start) + "*"
-        for name in self.client.scan_iter(match=match, count=1000):
-            text = name.decode("utf-8", "surrogateescape") if isinstance(name, bytes) else name
-            if is_session_key(text, start):
-                yield name
+        match = glob_escape(start) + ("{*" if self.cluster else "*")
+        for client in self._primaries():
+            for name in client.scan_iter(match=match, count=1000):
+                text = name.decode("utf-8", "surrogateescape") if isinstance(name, bytes) else name
+                if self.cluster:
+                    if not (text.startswith(start + "{") and text.endswith("}")):
+                        continue
+                    text = start + text[len(start) + 1 : -1]
+                if is_session_key(text, start):
+                    yield name
+
+    def _primaries(self) -> list[t.Any]:
+        """A client of each primary: one per cluster node that serves slots
+        (``SCAN`` lists one node's keys), else the client itself."""
+        if not self.cluster:
+            return [self.client]
+        return [self.client.get_redis_connection(node) for node in self.client.get_primaries()]
 
     def count(self, now: float) -> int:
         """Counts with ``SCAN``: every key under the prefix, whose TTL is its
@@ -164,30 +193,65 @@ class RedisBackend(CacheBackend):
         for name in self._names():
             batch.append(name)
             if len(batch) == 500:
-                removed += self.client.delete(*batch)
+                removed += self._delete_many(batch)
                 batch.clear()
         if batch:
-            removed += self.client.delete(*batch)
+            removed += self._delete_many(batch)
         return removed
+
+    def _delete_many(self, names: list[bytes]) -> int:
+        """Delete ``names``: in one ``DEL``, or on a cluster, where one
+        command may only name keys of one slot, one ``DEL`` each, sent
+        together in a pipeline that routes each to its slot's primary."""
+        if not self.cluster:
+            return int(self.client.delete(*names))
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.delete(name)
+        return sum(int(n) for n in pipe.execute())
 
 
 def _ttl_ms(expires: float) -> int:
     return max(1, math.ceil((expires - time.time()) * 1000))
 
 
+#: A storage key's digest, at its end or before the lock suffix.
+_DIGEST_AT_END = re.compile(rf"([0-9a-f]{{64}})((?:{re.escape(LOCK_SUFFIX)})?)\Z")
+
+
 def _is_cluster(client: t.Any) -> bool:
-    return any(cls.__name__ in ("RedisCluster", "ValkeyCluster") for cls in type(client).__mro__)
+    """Whether ``client`` is redis-py's or valkey-py's cluster client."""
+    for package, name in (("redis", "RedisCluster"), ("valkey", "ValkeyCluster")):
+        try:
+            cls = getattr(importlib.import_module(f"{package}.cluster"), name)
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(client, cls):
+            return True
+    return False
+
+
+def _connection_options(client: t.Any) -> dict[str, t.Any]:
+    """The options a client opens its connections with (on a cluster, the
+    connections to each node)."""
+    for owner in ("connection_pool", "nodes_manager"):
+        options = getattr(getattr(client, owner, None), "connection_kwargs", None)
+        if isinstance(options, dict):
+            return options
+    return {}
 
 
 def _redis_errors() -> tuple[type[BaseException], ...]:
-    """Connection errors of redis-py and of its fork valkey-py, if installed."""
+    """The errors of redis-py and of its fork valkey-py, if installed, that
+    mean the store cannot answer now: no connection, no reply in time, or,
+    on a cluster, a slot without a primary until a replica takes over."""
     errors: list[type[BaseException]] = [OSError]
+    names = ["ConnectionError", "TimeoutError", "ClusterDownError", "TryAgainError"]
+    names.append("SlotNotCoveredError")
     for package in ("redis", "valkey"):
         try:
             exceptions = importlib.import_module(f"{package}.exceptions")
         except ImportError:
             continue
-        errors += [exceptions.ConnectionError, exceptions.TimeoutError]
+        errors += [getattr(exceptions, n) for n in names if hasattr(exceptions, n)]
     return tuple(errors)
-
-

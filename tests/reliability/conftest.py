@@ -26,6 +26,7 @@ def pytest_terminal_summary(terminalreporter: t.Any) -> None:
     if not FIGURES:
         return
     terminalreporter.section("reliability figures")
-    for suite in ("load", "workers", "crash", "outages", "fuzz", "security", "users_load"):
+    suites = ("load", "workers", "crash", "outages", "fuzz", "security", "users_load", "failover")
+    for suite in suites:
         if suite in FIGURES:
             terminalreporter.write_line(summary_line(suite))

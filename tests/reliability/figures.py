@@ -69,7 +69,18 @@ def _load_line(c: Counter[str]) -> str:
     )
 
 
+def _failover_line(c: Counter[str]) -> str:
+    return "; ".join(
+        f"{name}: {c[name + '_requests']} requests, 503s {c[name + '_503']}, 500s"
+        f" {c[name + '_500']}, logged out {c[name + '_logged_out']}, acknowledged writes"
+        f" lost {c[name + '_lost_acked']}, served again after {c[name + '_recovery_ms']} ms"
+        for name in ("cluster", "sentinel")
+        if name + "_requests" in c
+    )
+
+
 _FORMATS: dict[str, t.Callable[[Counter[str], dict[str, t.Any]], str]] = {
+    "failover": lambda c, f: _failover_line(c),
     "load": lambda c, f: _load_line(c),
     "crash": lambda c, f: (
         f"{c['kills']} SIGKILLs of writers ({c['kills_fs']} filesystem, {c['kills_sqlite']}"
