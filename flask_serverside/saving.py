@@ -55,7 +55,7 @@ class Outcome(enum.Enum):
 def save(store: SessionStore, session: ServerSideSession, lifetime: float) -> Outcome:
     """Apply the session's changes to the store (inside its error guard)."""
     if session.destroyed_sid is not None:
-        session.destroy_removed = store.delete_record(store.key(session.destroyed_sid))
+        session.destroy_removed = _destroy(store, store.key(session.destroyed_sid))
     user_id = _moving_user(store, session)
     if user_id is None:
         outcome = _save(store, session, lifetime)
@@ -70,6 +70,18 @@ def save(store: SessionStore, session: ServerSideSession, lifetime: float) -> Ou
         if outcome is Outcome.CREATED:
             _index(store, session, time.time() + lifetime)
         return outcome
+
+
+def _destroy(store: SessionStore, key: str) -> bool:
+    """Remove a destroyed session's record under its lock, and its entry in
+    its user's index; return whether there was a record."""
+    with store.backend.lock(key):
+        record = store.backend.load(key)
+        removed = store.backend.delete(key)
+    meta = renewal.peek(record, time.time())
+    if meta is not None:
+        users.forget(store, meta, key)
+    return removed
 
 
 def _moving_user(store: SessionStore, session: ServerSideSession) -> str | None:

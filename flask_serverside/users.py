@@ -36,6 +36,7 @@ from datetime import datetime
 from datetime import timezone
 
 from . import record as records
+from .backends.base import INDEX_TAG
 
 if t.TYPE_CHECKING:
     from .backends.base import Backend
@@ -80,7 +81,7 @@ def _digest(user_id: str) -> bytes:
 
 def index_key(prefix: str, user_id: str) -> str:
     """The storage key of a user's index."""
-    return prefix + "user:" + _digest(user_id).hex()
+    return prefix + INDEX_TAG + _digest(user_id).hex()
 
 
 def new_handle(user_id: str) -> str:
@@ -102,7 +103,7 @@ def handle_index_key(prefix: str, handle: str) -> str | None:
         digest = base64.urlsafe_b64decode(match.group(1) + "=")
     except (binascii.Error, ValueError):
         return None
-    return prefix + "user:" + digest.hex()
+    return prefix + INDEX_TAG + digest.hex()
 
 
 def binding(user_id: str, handle: str, device: tuple[str | None, str | None]) -> dict[str, str]:
@@ -172,6 +173,19 @@ def moved(store: SessionStore, meta: records.Meta, new_key: str, expires: float)
         index = Index(store.backend, key)
         index.entries[meta.handle] = new_key
         index.write(expires)
+
+
+def forget(store: SessionStore, meta: records.Meta, key: str) -> None:
+    """Drop the entry of a removed session (logged out) from its user's
+    index; the index goes with its last entry."""
+    if meta.user_id is None or meta.handle is None:
+        return
+    index_key_ = index_key(store.prefix, meta.user_id)
+    with store.backend.lock(index_key_):
+        index = Index(store.backend, index_key_)
+        if index.entries.get(meta.handle) == key:
+            del index.entries[meta.handle]
+            index.write()
 
 
 def touched(store: SessionStore, meta: records.Meta, expires: float) -> None:

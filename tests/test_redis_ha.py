@@ -192,9 +192,11 @@ def test_cluster_operations_cover_every_primary(
     names = [store.backend._name(store.key(sid)) for sid in sids]
     owners = {redis_cluster_server.primary_for_key(name).port for name in names}
     assert len(owners) == 3  # 40 random digests land on every primary
-    # Other keys under the prefix are not sessions.
+    # A user's index goes with the sessions, but is not counted; other keys
+    # under the prefix are not ours.
     backend: RedisBackend = store.backend
     backend.save(store.prefix + "user:" + "cd" * 32, b"index", time.time() + 60)
+    backend.save(store.prefix + "other:" + "cd" * 32, b"other", time.time() + 60)
     ext = cluster_app.extensions["serverside"]
     with cluster_app.app_context():
         assert ext.count() == 40

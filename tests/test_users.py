@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import threading
 import time
 import typing as t
@@ -95,6 +96,25 @@ def index_entries(app: Flask, user: str) -> dict[str, str]:
     store = app.session_interface.store  # type: ignore[attr-defined]
     index = users.Index(store.backend, users.index_key(store.prefix, user))
     return index.entries
+
+
+def raw_index_records(app: Flask) -> int:
+    """The index records the store still holds, expired or not, looked up
+    by their keys as the store lists them."""
+    store = app.session_interface.store  # type: ignore[attr-defined]
+    keys = {users.index_key(store.prefix, user) for user in ("u", "v")}
+    backend = store.backend.inner
+    return sum(backend.load(key) is not None or _on_disk(app, key) for key in keys)
+
+
+def _on_disk(app: Flask, key: str) -> bool:
+    directory = app.config.get("SESSION_FILE_DIR")
+    if app.config.get("SESSION_BACKEND") not in (None, "filesystem") or not directory:
+        return False
+    digest = key[-64:]
+    return any(
+        name.endswith(digest) for _, _, names in os.walk(directory) for name in names
+    )
 
 
 class TestUsers:
@@ -330,6 +350,37 @@ class TestUsers:
         assert len(sessions_of(app, "u")) == 1
         assert key not in index_entries(app, "u").values()
         assert len(index_entries(app, "u")) == 1
+
+    def test_logout_of_the_last_session_removes_the_index(self, app: Flask) -> None:
+        first, second = login(app, "u"), login(app, "u")
+        first.get("/destroy")
+        assert len(index_entries(app, "u")) == 1
+        second.get("/destroy")
+        store = app.session_interface.store  # type: ignore[attr-defined]
+        assert store.backend.load(users.index_key(store.prefix, "u")) is None
+
+    def test_expired_indexes_are_cleaned_up(self, app: Flask, backend_name: str) -> None:
+        if app.session_interface.store.backend.native_expiry:  # type: ignore[attr-defined]
+            pytest.skip("the store expires records itself")
+        client = login(app, "u")
+        store = app.session_interface.store  # type: ignore[attr-defined]
+        index = users.index_key(store.prefix, "u")
+        for key in (index, store.key(cookie_sid(client))):
+            record = store.backend.inner.load(key)
+            store.backend.inner.save(key, record.data, time.time() - 1)
+        with app.app_context():
+            assert app.extensions["serverside"].cleanup() == 1  # sessions only
+        assert store.backend.inner.load(index) is None
+        assert raw_index_records(app) == 0
+
+    def test_clear_removes_the_indexes(self, app: Flask, backend_name: str) -> None:
+        if backend_name == "memcached":
+            pytest.skip("Memcached cannot list its keys")
+        login(app, "u"), login(app, "v")
+        with app.app_context():
+            assert app.extensions["serverside"].clear() == 2
+        assert raw_index_records(app) == 0
+        assert not index_entries(app, "u") and not index_entries(app, "v")
 
     def test_revoke_cost_follows_the_users_sessions(self, app: Flask) -> None:
         for n in range(30):

@@ -152,6 +152,13 @@ DIGEST_LENGTH = 64
 _DIGEST_RE = re.compile(rf"[0-9a-f]{{{DIGEST_LENGTH}}}")
 
 
+#: What follows the key prefix in the key of a user's index of sessions
+#: (:mod:`flask_serverside.users`), before the 64 hex digits. Backends that
+#: list their keys clean up and clear those records with the sessions, but
+#: count only sessions.
+INDEX_TAG = "user:"
+
+
 def is_session_key(name: str, prefix: str) -> bool:
     """Whether ``name`` is a storage key under ``prefix``: the prefix
     followed by exactly 64 lowercase hex digits.
@@ -161,6 +168,12 @@ def is_session_key(name: str, prefix: str) -> bool:
     names).
     """
     return name.startswith(prefix) and _DIGEST_RE.fullmatch(name, len(prefix)) is not None
+
+
+def is_own_key(name: str, prefix: str) -> bool:
+    """Whether ``name`` is a session's key or a user index's key under
+    ``prefix``: what :meth:`Backend.cleanup` and :meth:`Backend.clear` cover."""
+    return is_session_key(name, prefix) or is_session_key(name, prefix + INDEX_TAG)
 
 
 class Reentrant:

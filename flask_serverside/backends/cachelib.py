@@ -19,6 +19,7 @@ from cachelib import MemcachedCache
 from cachelib import SimpleCache
 
 from .base import Backend
+from .base import is_own_key
 from .base import is_session_key
 from .base import Record
 from .caches import CacheBackend
@@ -153,13 +154,15 @@ class CacheLibBackend(CacheBackend):
         if self.cache.get(lock_key) == token:
             self.cache.delete(lock_key)
 
-    def _keys(self) -> list[str]:
+    def _keys(self, indexes: bool = False) -> list[str]:
         """The session keys of a :class:`~cachelib.SimpleCache`, whose keys
-        live in a dict; other caches cannot list theirs."""
+        live in a dict; other caches cannot list theirs. With ``indexes``,
+        the keys of users' indexes too."""
         if self._simple is None:
             return []
         prefix = self.configured_prefix()
-        return [name for name in simple_names(self._simple) if is_session_key(name, prefix)]
+        wanted = is_own_key if indexes else is_session_key
+        return [name for name in simple_names(self._simple) if wanted(name, prefix)]
 
     def count(self, now: float) -> int:
         if self._simple is None:
@@ -170,15 +173,19 @@ class CacheLibBackend(CacheBackend):
     def clear(self) -> int:
         if self._simple is None:
             return super().clear()
-        return sum(bool(self.cache.delete(key)) for key in self._keys())
+        prefix = self.configured_prefix()
+        removed = [key for key in self._keys(indexes=True) if self.cache.delete(key)]
+        return sum(is_session_key(key, prefix) for key in removed)
 
     def cleanup(self, now: float) -> t.Iterator[int]:
         """Remove expired entries of a :class:`~cachelib.SimpleCache`, which
         drops them only when over its threshold."""
-        keys = self._keys()
+        prefix = self.configured_prefix()
+        keys = self._keys(indexes=True)
         for start in range(0, len(keys), _CLEANUP_BATCH):
             batch = keys[start : start + _CLEANUP_BATCH]
-            yield sum(self._remove_expired(key, now) for key in batch)
+            removed = [key for key in batch if self._remove_expired(key, now)]
+            yield sum(is_session_key(key, prefix) for key in removed)
 
     def _remove_expired(self, key: str, now: float) -> bool:
         # The cache's own lock keeps a save from slipping in between.

@@ -18,6 +18,7 @@ from urllib.parse import quote
 from .base import Backend
 from .base import DIGEST_LENGTH
 from .base import flock_exclusive
+from .base import INDEX_TAG
 from .base import is_session_key
 from .base import Record
 from .base import Reentrant
@@ -78,6 +79,7 @@ class FileSystemBackend(Backend):
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = os.fspath(directory)
         self._name_prefix = _escape("session:")
+        self._index_prefix = _escape("session:" + INDEX_TAG)
         self._lock_shard = Reentrant(self._flock_shard)
 
     def describe(self) -> str:
@@ -85,20 +87,28 @@ class FileSystemBackend(Backend):
 
     def configure(self, prefix: str) -> None:
         name = _escape(prefix)
-        length = len(name.encode()) + DIGEST_LENGTH
+        # A user's index has the longest names: the prefix, "user:", the digest.
+        length = len(_escape(prefix + INDEX_TAG).encode()) + DIGEST_LENGTH
         if length > _NAME_MAX:
             raise ValueError(
                 f"SESSION_KEY_PREFIX={prefix!r} is too long for the filesystem backend:"
                 f" escaped for a file name ({name!r}) it makes names of"
                 f" {length} bytes, over the limit of {_NAME_MAX}. Use at"
-                f" most {_NAME_MAX - DIGEST_LENGTH} bytes once escaped (characters other than"
-                " letters, digits and '_.-~' take three)."
+                f" most {_NAME_MAX - DIGEST_LENGTH - len(_escape(INDEX_TAG))} bytes once"
+                " escaped (characters other than letters, digits and '_.-~' take"
+                " three)."
             )
         self._name_prefix = name
+        self._index_prefix = _escape(prefix + INDEX_TAG)
 
     def _is_ours(self, name: str) -> bool:
-        """Whether a file name is a record under this backend's key prefix."""
+        """Whether a file name is a session under this backend's key prefix."""
         return is_session_key(name, self._name_prefix)
+
+    def _is_own(self, name: str) -> bool:
+        """Whether a file name is a session or a user's index under this
+        backend's key prefix."""
+        return self._is_ours(name) or is_session_key(name, self._index_prefix)
 
     def _shard(self, key: str) -> str:
         return f"{self.directory}/{key[-2:]}"
@@ -210,8 +220,10 @@ class FileSystemBackend(Backend):
                     continue  # its save has just renamed it over a record
                 if stale:
                     _unlink(entry.path)
-            elif self._is_ours(entry.name):
-                removed += self._remove_if_expired(shard, entry.path, now)
+            elif self._is_own(entry.name):
+                # A user's index goes too, but only sessions are counted.
+                gone = self._remove_if_expired(shard, entry.path, now)
+                removed += gone if self._is_ours(entry.name) else 0
         return removed
 
     def _remove_if_expired(self, shard: str, path: str, now: float) -> int:
@@ -224,15 +236,19 @@ class FileSystemBackend(Backend):
             return int(_unlink(path))
 
     def count(self, now: float) -> int:
-        return sum(_read_expiry(path) > now for path in self._records())
+        return sum(_read_expiry(path) > now for path in self._records(self._is_ours))
 
     def clear(self) -> int:
-        return sum(_unlink(path) for path in self._records())
+        removed = 0
+        for path in self._records(self._is_own):
+            if _unlink(path) and self._is_ours(os.path.basename(path)):
+                removed += 1
+        return removed
 
-    def _records(self) -> Iterator[str]:
+    def _records(self, wanted: t.Callable[[str], bool]) -> Iterator[str]:
         for shard in self._shards():
             for entry in _scan(shard):
-                if self._is_ours(entry.name):
+                if wanted(entry.name):
                     yield entry.path
 
     def _shards(self) -> Iterator[str]:
@@ -378,4 +394,3 @@ def _unlink(path: str) -> bool:
     except FileNotFoundError:
         return False
     return True
-

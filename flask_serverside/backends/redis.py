@@ -15,6 +15,7 @@ import time
 import typing as t
 
 from .base import glob_escape
+from .base import INDEX_TAG
 from .base import is_session_key
 from .base import Record
 from .caches import CacheBackend
@@ -161,9 +162,10 @@ class RedisBackend(CacheBackend):
     def give_back(self, lock_key: str, token: str) -> None:
         self._release_script(keys=[self._name(lock_key)], args=[token])
 
-    def _names(self) -> t.Iterator[bytes]:
-        """The names of the session records, on every primary of a cluster."""
-        start = self._cache_prefix() + self.configured_prefix()
+    def _names(self, tag: str = "") -> t.Iterator[bytes]:
+        """The names of the session records (with ``tag``, of the users'
+        indexes), on every primary of a cluster."""
+        start = self._cache_prefix() + self.configured_prefix() + tag
         match = glob_escape(start) + ("{*" if self.cluster else "*")
         for client in self._primaries():
             for name in client.scan_iter(match=match, count=1000):
@@ -188,9 +190,14 @@ class RedisBackend(CacheBackend):
         return sum(1 for _ in self._names())
 
     def clear(self) -> int:
+        removed = self._delete_all(self._names())
+        self._delete_all(self._names(INDEX_TAG))
+        return removed
+
+    def _delete_all(self, names: t.Iterator[bytes]) -> int:
         removed = 0
         batch: list[bytes] = []
-        for name in self._names():
+        for name in names:
             batch.append(name)
             if len(batch) == 500:
                 removed += self._delete_many(batch)

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import sqlalchemy as sa
 
 from ..base import Backend
+from ..base import INDEX_TAG
 from ..base import Record
 from ..base import utc_datetime
 from ..base import utc_now
@@ -249,20 +250,23 @@ class SQLAlchemyBackend(Backend):
                 section.prefetched = None
 
     def cleanup(self, now: float) -> t.Iterator[int]:
-        """Delete expired rows, at most 1000 per statement and transaction."""
+        """Delete expired rows, at most :data:`CLEANUP_BATCH` per statement
+        and transaction: the sessions' (counted), then users' indexes'."""
+        yield from self._delete_expired(self._own_rows(), now)
+        for _ in self._delete_expired(self._index_rows(), now):
+            pass
+
+    def _delete_expired(self, rows: sa.ColumnElement[bool], now: float) -> t.Iterator[int]:
         expired = (
             sa.select(self.table.c.id)
-            .where(self._own_rows(), self.table.c.expires <= utc_datetime(now))
+            .where(rows, self.table.c.expires <= utc_datetime(now))
             .limit(CLEANUP_BATCH)
         )
         stmt = sa.delete(self.table).where(self.table.c.id.in_(expired))
-
         while True:
             removed = self._run(_rowcount, stmt)
-
             if removed:
                 yield removed
-
             if removed < CLEANUP_BATCH:
                 return
 
@@ -276,10 +280,16 @@ class SQLAlchemyBackend(Backend):
         return self._run(_scalar_int, query)
 
     def clear(self) -> int:
+        self._run(_rowcount, sa.delete(self.table).where(self._index_rows()))
         return self._run(_rowcount, sa.delete(self.table).where(self._own_rows()))
 
     def _own_rows(self) -> sa.ColumnElement[bool]:
+        """The rows of sessions."""
         return own_rows(self.table, self._prefix, self.engine.dialect.name)
+
+    def _index_rows(self) -> sa.ColumnElement[bool]:
+        """The rows of users' indexes of their sessions."""
+        return own_rows(self.table, self._prefix + INDEX_TAG, self.engine.dialect.name)
 
     @property
     def _sql(self) -> Statements:
