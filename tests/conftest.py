@@ -23,6 +23,14 @@ from tests.wrappers import DelegatingBackend
 
 #: Every store the contract tests run on.
 BACKENDS = ["filesystem", "sqlite", "postgres", "simple", "redis", "memcached"]
+#: Store names that reach PostgreSQL another way than ``postgres`` (psycopg2
+#: directly): the server fixture and URL attribute of each. They run in
+#: ``test_deployments.py``, not on every contract test.
+POSTGRES_VARIANTS = {
+    "postgres-psycopg": ("postgres_server", "url_psycopg"),
+    "pgbouncer-psycopg2": ("pgbouncer_server", "url"),
+    "pgbouncer-psycopg": ("pgbouncer_server", "url_psycopg"),
+}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -34,23 +42,30 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-def start_server(request: pytest.FixtureRequest, tmp: os.PathLike[str], name: str) -> Server:
-    """Start ``tests/servers/<name>.py``'s server, or skip when it is missing."""
+def start_server(
+    request: pytest.FixtureRequest, tmp: os.PathLike[str], name: str, *needs: t.Any
+) -> t.Any:
+    """Start ``tests/servers/<name>.py``'s server (given the servers it
+    ``needs``, such as PgBouncer's PostgreSQL), or skip when it is missing."""
     module = importlib.import_module(f"tests.servers.{name}")
     try:
-        return t.cast(Server, module.start(tmp))
+        return module.start(tmp, *needs)
     except ServerNotFound as exc:
         if request.config.getoption("--require-servers"):
             pytest.fail(f"{name} is required (CI or --require-servers): {exc}")
         pytest.skip(str(exc))
 
 
-def _server_fixture(name: str) -> t.Any:
+def _server_fixture(name: str, *needs: str) -> t.Any:
+    """A session fixture ``<name>_server`` started after the fixtures
+    ``<need>_server`` of each of ``needs``, which it is given."""
+
     @pytest.fixture(scope="session", name=f"{name}_server")
     def fixture(
         request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-    ) -> Iterator[Server]:
-        server = start_server(request, tmp_path_factory.mktemp(name), name)
+    ) -> Iterator[t.Any]:
+        servers = [request.getfixturevalue(f"{need}_server") for need in needs]
+        server = start_server(request, tmp_path_factory.mktemp(name), name, *servers)
         yield server
         server.stop()
 
@@ -60,6 +75,14 @@ def _server_fixture(name: str) -> t.Any:
 postgres_server = _server_fixture("postgres")
 redis_server = _server_fixture("redis")
 memcached_server = _server_fixture("memcached")
+#: :class:`tests.servers.redis_cluster.RedisCluster`: 3 primaries, 3 replicas.
+redis_cluster_server = _server_fixture("redis_cluster")
+#: :class:`tests.servers.redis_sentinel.RedisSentinel`: a primary, a
+#: replica and 3 sentinels.
+redis_sentinel_server = _server_fixture("redis_sentinel")
+#: :class:`tests.servers.pgbouncer.PgBouncerServer`, in transaction mode in
+#: front of ``postgres_server``.
+pgbouncer_server = _server_fixture("pgbouncer", "postgres")
 
 
 class CountingBackend(DelegatingBackend):
@@ -122,11 +145,11 @@ def store_config(request: pytest.FixtureRequest, name: str) -> dict[str, t.Any]:
         return {}
     if name == "sqlite":
         return {"SESSION_BACKEND": "sqlalchemy"}
-    if name == "postgres":
-        server = request.getfixturevalue("postgres_server")
+    if name == "postgres" or name in POSTGRES_VARIANTS:
+        fixture, attribute = POSTGRES_VARIANTS.get(name, ("postgres_server", "url"))
         return {
             "SESSION_BACKEND": "sqlalchemy",
-            "SESSION_SQLALCHEMY_URL": server.url,
+            "SESSION_SQLALCHEMY_URL": getattr(request.getfixturevalue(fixture), attribute),
             "SESSION_SQLALCHEMY_TABLE": unique,
         }
     if name == "simple":

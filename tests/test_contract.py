@@ -43,7 +43,16 @@ MALFORMED_COOKIES = [
 
 #: The stores whose :meth:`.Backend.replace` writes: a plain rewrite of a
 #: session there is one atomic step, without a lock.
-ONE_STEP_WRITES = {"sqlite", "postgres", "redis", "memcached"}
+ONE_STEP_WRITES = {
+    "sqlite",
+    "postgres",
+    "redis",
+    "memcached",
+    # PostgreSQL by other ways (tests/test_deployments.py)
+    "postgres-psycopg",
+    "pgbouncer-psycopg2",
+    "pgbouncer-psycopg",
+}
 
 
 def set_cookies(response: t.Any) -> dict[str, str]:

@@ -50,6 +50,11 @@ class PostgresServer(Server):
 
     ready_check: list[str] = field(default_factory=list)
 
+    @property
+    def url_psycopg(self) -> str:
+        """:attr:`url` for psycopg 3 instead of psycopg2."""
+        return self.url.replace("+psycopg2://", "+psycopg://", 1)
+
     def start_again(self) -> None:
         super().start_again()
         wait_until_ready(self)
