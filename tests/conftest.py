@@ -17,7 +17,6 @@ from flask_serverside.backends import Backend
 from flask_serverside.backends import Record
 from flask_serverside.config import defaults
 from flask_serverside.config import make_backend
-from tests.servers import Server
 from tests.servers import ServerNotFound
 from tests.wrappers import DelegatingBackend
 

@@ -81,7 +81,9 @@ def start(tmp_dir: pathlib.Path, postgres: PostgresServer) -> PgBouncerServer:
     return server
 
 
-def _write_config(base: pathlib.Path, port: int, postgres_port: int, user: str | None) -> pathlib.Path:
+def _write_config(
+    base: pathlib.Path, port: int, postgres_port: int, user: str | None
+) -> pathlib.Path:
     """Write ``pgbouncer.ini`` and its user list to ``base``; return the ini."""
     userlist = base / "userlist.txt"
     userlist.write_text(f'"postgres" "{PASSWORD}"\n')

@@ -112,7 +112,9 @@ class RedisCluster:
         node.server.proc.send_signal(signal.SIGKILL)
         node.server.proc.wait(timeout=10)
 
-    def wait_for_failover(self, slot: int, old: ClusterNode, timeout: float = TIMEOUT) -> ClusterNode:
+    def wait_for_failover(
+        self, slot: int, old: ClusterNode, timeout: float = TIMEOUT
+    ) -> ClusterNode:
         """Block until another node serves ``slot`` than ``old`` (killed),
         and every live node reports ``cluster_state:ok``; return the new one.
         """
@@ -133,7 +135,9 @@ class RedisCluster:
         deadline = time.monotonic() + timeout
         while not (self._all_ok() and self._replicas_linked()):
             if time.monotonic() > deadline:
-                states = {node.port: node.info("CLUSTER INFO").get("cluster_state") for node in self.nodes}
+                states = {
+                    node.port: node.info("CLUSTER INFO").get("cluster_state") for node in self.nodes
+                }
                 raise RuntimeError(f"the Redis Cluster is not ok after {timeout}s: {states}")
             time.sleep(0.05)
 
