@@ -10,13 +10,23 @@ three more times; the names and their URLs are in
 
 from __future__ import annotations
 
+import contextlib
+import pathlib
 import typing as t
+import uuid
 from collections.abc import Iterator
 
+import psycopg2
 import pytest
 import sqlalchemy as sa
+from flask import Flask
 
 from tests import test_contract as contract
+from tests.conftest import build_app
+from tests.servers import pgbouncer
+from tests.servers.pgbouncer import PgBouncerServer
+from tests.servers.postgres import PASSWORD
+from tests.servers.postgres import PostgresServer
 from tests.test_contract import client  # noqa: F401 (fixtures of the classes)
 from tests.test_contract import recorded  # noqa: F401
 
@@ -24,8 +34,27 @@ from tests.test_contract import recorded  # noqa: F401
 DEPLOYMENTS = ["postgres-psycopg", "pgbouncer-psycopg2", "pgbouncer-psycopg"]
 
 
+#: Contract tests known to fail on a deployment: (test, store) to reason.
+#: Not strict: PgBouncer hands statements to server connections by timing,
+#: so these fail in most runs, not all. The tests below show the causes
+#: deterministically, strictly marked.
+KNOWN_FAILURES = {
+    ("test_separate_processes_keep_both", "pgbouncer-psycopg"): (
+        "psycopg 3 prepares a statement on its 5th run under the names _pg3_0,"
+        " _pg3_1, ... (the same in every connection); with two processes through"
+        " PgBouncer in transaction mode, a statement lands on a server connection"
+        " without it ('prepared statement \"_pg3_0\" does not exist') or where"
+        " the other process prepared it ('prepared statement \"_pg3_0\" already"
+        " exists'): a request fails with 500 and the child exits 1"
+    ),
+}
+
+
 @pytest.fixture(params=DEPLOYMENTS)
 def backend_name(request: pytest.FixtureRequest) -> str:
+    reason = KNOWN_FAILURES.get((request.function.__name__, request.param))
+    if reason is not None:
+        request.applymarker(pytest.mark.xfail(strict=False, reason=reason))
     return t.cast(str, request.param)
 
 
@@ -61,3 +90,136 @@ class TestReplaceDeployed(contract.TestReplace):
 
 class TestConcurrencyDeployed(contract.TestConcurrency):
     pass
+
+
+# The prepared-statement path through PgBouncer in transaction mode, where
+# consecutive statements of one client connection can run on different
+# server connections, each with the statements other clients prepared.
+
+
+@pytest.fixture
+def private_pgbouncer(
+    postgres_server: PostgresServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PgBouncerServer]:
+    """A PgBouncer of this test's own, so its server connections hold only
+    the statements this test prepared."""
+    server = pgbouncer.start(tmp_path_factory.mktemp("pgbouncer"), postgres_server)
+    yield server
+    server.stop()
+
+
+def _sql_app(tmp_path: pathlib.Path, url: str) -> Flask:
+    table = "t" + uuid.uuid4().hex[:12]
+    config = {
+        "SESSION_BACKEND": "sqlalchemy",
+        "SESSION_SQLALCHEMY_URL": url,
+        "SESSION_SQLALCHEMY_TABLE": table,
+    }
+    return build_app(tmp_path / table, config, count=False)
+
+
+def _rows(server: PgBouncerServer, app: Flask) -> int:
+    """The number of rows in ``app``'s table, read on PostgreSQL directly."""
+    assert server.postgres is not None
+    table = app.config["SESSION_SQLALCHEMY_TABLE"]
+    conn = psycopg2.connect(
+        host="127.0.0.1",
+        port=server.postgres.port,
+        user="postgres",
+        password=PASSWORD,
+        dbname="postgres",
+    )
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(f"SELECT count(*) FROM {table}")
+            return int(cursor.fetchone()[0])
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def _holding_a_server_connection(server: PgBouncerServer) -> Iterator[None]:
+    """Hold a transaction open through ``server``: it keeps the server
+    connection PgBouncer gives it, the one used last (PgBouncer reuses
+    them last in, first out), so other clients get another one."""
+    conn = psycopg2.connect(
+        host="127.0.0.1", port=server.port, user="postgres", password=PASSWORD, dbname="postgres"
+    )
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute("SELECT 1")  # psycopg2 began a transaction
+        yield
+        conn.rollback()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    "driver",
+    [
+        "psycopg2",
+        pytest.param(
+            "psycopg",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "psycopg 3 prepares a statement on its 5th run (prepare_threshold=5,"
+                    " names _pg3_0, _pg3_1, ...) and then only sends Bind/Execute by name;"
+                    " through PgBouncer 1.18 in transaction mode the next statement runs on"
+                    " another server connection: 'prepared statement \"_pg3_0\" does not"
+                    " exist'. The backend does not set prepare_threshold=None for psycopg"
+                ),
+                raises=sa.exc.ProgrammingError,
+            ),
+        ),
+    ],
+)
+def test_prepared_statements_survive_a_server_connection_switch(
+    private_pgbouncer: PgBouncerServer, tmp_path: pathlib.Path, driver: str
+) -> None:
+    url = private_pgbouncer.url if driver == "psycopg2" else private_pgbouncer.url_psycopg
+    client = _sql_app(tmp_path, url).test_client()
+    for i in range(8):  # more runs than psycopg 3 needs to prepare
+        client.get(f"/set/n/{i}")
+        assert client.get("/get/n").json == str(i)
+    with _holding_a_server_connection(private_pgbouncer):
+        for i in range(8, 12):
+            client.get(f"/set/n/{i}")
+            assert client.get("/get/n").json == str(i)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason=(
+        "The psycopg2 driver path names its prepared statements"
+        " 'flask_serverside_select' and 'flask_serverside_replace' whatever the"
+        " table, and remembers them per client connection (conn.info): through"
+        " PgBouncer in transaction mode, EXECUTE flask_serverside_select runs on a"
+        " server connection where another app prepared it for its own table, so"
+        " no error is raised and the record is read from the wrong table: the"
+        " session is missing and its user logged out"
+    ),
+)
+def test_apps_sharing_a_database_never_run_each_others_statements(
+    private_pgbouncer: PgBouncerServer, tmp_path: pathlib.Path
+) -> None:
+    """Two apps, each with its own table in one database behind PgBouncer
+    (psycopg2): a statement one prepared on a server connection is not run
+    for the other."""
+    first_app = _sql_app(tmp_path, private_pgbouncer.url)
+    second_app = _sql_app(tmp_path, private_pgbouncer.url)
+    first, second = first_app.test_client(), second_app.test_client()
+    for _ in range(3):
+        first.get("/set/a/first")
+    with _holding_a_server_connection(private_pgbouncer):
+        # The second app prepares its statements on another server connection.
+        for _ in range(3):
+            second.get("/set/a/second")
+    # Both records are there, each in its app's table.
+    assert _rows(private_pgbouncer, first_app) == 1
+    assert _rows(private_pgbouncer, second_app) == 1
+    # Now the server connection with the first app's statements is the one
+    # used last, and the second app's next statements run there.
+    assert second.get("/get/a").json == "second"
+    assert first.get("/get/a").json == "first"
