@@ -178,14 +178,14 @@ def test_prepared_statements_survive_a_server_connection_switch(
     private_pgbouncer: PgBouncerServer, tmp_path: pathlib.Path, driver: str
 ) -> None:
     url = private_pgbouncer.url if driver == "psycopg2" else private_pgbouncer.url_psycopg
-    client = _sql_app(tmp_path, url).test_client()
+    browser = _sql_app(tmp_path, url).test_client()
     for i in range(8):  # more runs than psycopg 3 needs to prepare
-        client.get(f"/set/n/{i}")
-        assert client.get("/get/n").json == str(i)
+        browser.get(f"/set/n/{i}")
+        assert browser.get("/get/n").json == str(i)
     with _holding_a_server_connection(private_pgbouncer):
         for i in range(8, 12):
-            client.get(f"/set/n/{i}")
-            assert client.get("/get/n").json == str(i)
+            browser.get(f"/set/n/{i}")
+            assert browser.get("/get/n").json == str(i)
 
 
 @pytest.mark.xfail(
