@@ -91,7 +91,7 @@ class RedisCluster:
     def key_slot(self, key: str | bytes) -> int:
         """The hash slot of ``key`` (``CLUSTER KEYSLOT``)."""
         with self._live_node().client() as client:
-            return int(client.execute_command("CLUSTER KEYSLOT", key))  # type: ignore[arg-type]
+            return int(client.execute_command("CLUSTER KEYSLOT", key))
 
     def primaries(self) -> list[ClusterNode]:
         """The live nodes a live node sees as primaries serving slots."""
@@ -161,7 +161,7 @@ class RedisCluster:
                     slots = client.execute_command("CLUSTER SLOTS")
             except redis.RedisError:
                 continue
-            return {(int(s[0]), int(s[1])): int(s[2][1]) for s in slots}  # type: ignore[union-attr]
+            return {(int(s[0]), int(s[1])): int(s[2][1]) for s in slots}
         raise RuntimeError("no node of the cluster answers")
 
     def _all_ok(self) -> bool:
@@ -200,7 +200,7 @@ def start(tmp_dir: pathlib.Path) -> RedisCluster:
         cluster.wait_until_ok()
         for node in nodes:
             with node.client() as client:
-                node.node_id = client.execute_command("CLUSTER MYID").decode()  # type: ignore[union-attr]
+                node.node_id = client.execute_command("CLUSTER MYID").decode()
     except BaseException:
         for node in nodes:
             node.server.stop()

@@ -129,7 +129,7 @@ class RedisSentinel:
                 return False
         replica = self.replica()
         with redis.Redis(port=replica.port, socket_timeout=5) as client:
-            return client.info("replication").get("master_link_status") == "up"
+            return bool(client.info("replication").get("master_link_status") == "up")
 
 
 def start(tmp_dir: pathlib.Path) -> RedisSentinel:
