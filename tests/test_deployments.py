@@ -1,5 +1,6 @@
 """The shared contract on deployments other than the default stores: each
-contract class of ``test_contract.py`` again, on PostgreSQL through
+contract class of ``test_contract.py`` and the seam class of
+``test_backends.py`` again, on PostgreSQL through
 PgBouncer in transaction mode (psycopg2 and psycopg 3) and on PostgreSQL
 with psycopg 3 directly.
 
@@ -22,6 +23,7 @@ import sqlalchemy as sa
 from flask import Flask
 
 from tests import test_contract as contract
+from tests.test_backends import TestSeam
 from tests.conftest import build_app
 from tests.servers import pgbouncer
 from tests.servers.pgbouncer import PgBouncerServer
@@ -84,7 +86,7 @@ class TestContractDeployed(contract.TestContract):
     pass
 
 
-class TestReplaceDeployed(contract.TestReplace):
+class TestSeamDeployed(TestSeam):
     pass
 
 
