@@ -23,12 +23,12 @@ import sqlalchemy as sa
 from flask import Flask
 
 from tests import test_contract as contract
-from tests.test_backends import TestSeam
 from tests.conftest import build_app
 from tests.servers import pgbouncer
 from tests.servers.pgbouncer import PgBouncerServer
 from tests.servers.postgres import PASSWORD
 from tests.servers.postgres import PostgresServer
+from tests.test_backends import TestSeam
 from tests.test_contract import client  # noqa: F401 (fixtures of the classes)
 from tests.test_contract import recorded  # noqa: F401
 
@@ -190,19 +190,6 @@ def test_prepared_statements_survive_a_server_connection_switch(
             assert browser.get("/get/n").json == str(i)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "The psycopg2 driver path names its prepared statements"
-        " 'flask_serverside_select' and 'flask_serverside_replace' whatever the"
-        " table, and remembers them per client connection (conn.info): through"
-        " PgBouncer in transaction mode, EXECUTE flask_serverside_select runs on a"
-        " server connection where another app prepared it for its own table, so"
-        " no error is raised and the record is read from the wrong table: the"
-        " session is missing and its user logged out"
-    ),
-)
 def test_apps_sharing_a_database_never_run_each_others_statements(
     private_pgbouncer: PgBouncerServer, tmp_path: pathlib.Path
 ) -> None:
