@@ -812,3 +812,59 @@ def test_prepared_statement_names_determine_their_text() -> None:
     assert names("sessions") == names("sessions")
     assert set(names("sessions")).isdisjoint(names("other_sessions"))
     assert all(len(name) < 64 for name in names("sessions"))  # PostgreSQL's limit
+
+
+def prepared_statements(backend: SQLAlchemyBackend) -> list[str]:
+    """The names of the statements prepared on the pool's connection (the
+    one a single thread gets back), without their hash."""
+    conn = backend.engine.raw_connection()
+    try:
+        cursor = conn.cursor()
+        cursor.execute("SELECT name FROM pg_prepared_statements ORDER BY name")
+        names = [str(row[0]) for row in cursor.fetchall()]
+        cursor.close()
+    finally:
+        conn.close()
+    return [name.rpartition("_")[0] if name.startswith("flask_") else name for name in names]
+
+
+@pytest.fixture
+def psycopg_url(postgres_url: str) -> str:
+    return postgres_url.replace("+psycopg2://", "+psycopg://", 1)
+
+
+def test_psycopg3_reads_and_replaces_prepared(
+    psycopg_url: str, make_backend: t.Callable[..., SQLAlchemyBackend]
+) -> None:
+    """On psycopg 3, a read and a replace run as statements prepared under
+    the names of their text, as on psycopg2; nothing else is prepared:
+    psycopg 3's automatic ones (``_pg3_0``, ...) break behind PgBouncer."""
+    backend = make_backend(url=psycopg_url)
+    backend.save("session:a", b"x", later())
+    for _ in range(6):  # more runs than psycopg 3 waits for to prepare
+        assert backend.touch("session:a", later()) is True
+        assert backend.load("session:a") == (b"x", pytest.approx(later(), abs=5))
+    assert backend.replace("session:a", b"x", b"y", later()) is True
+    assert backend.replace("session:a", b"x", b"z", later()) is False
+    assert backend.load("session:a") == (b"y", pytest.approx(later(), abs=5))
+    assert prepared_statements(backend) == [
+        "flask_serverside_replace",
+        "flask_serverside_select",
+    ]
+
+
+def test_psycopg3_prepared_statements_lost_by_a_pooler(
+    psycopg_url: str, make_backend: t.Callable[..., SQLAlchemyBackend]
+) -> None:
+    """As on psycopg2: a lost prepared statement costs no failed request,
+    and the backend stops preparing."""
+    backend = make_backend(url=psycopg_url)
+    backend.save("session:a", b"x", later())
+    assert backend.load("session:a") is not None
+    conn = backend.engine.raw_connection()
+    conn.cursor().execute("DEALLOCATE ALL")
+    conn.close()
+    assert backend.load("session:a") == (b"x", pytest.approx(later(), abs=5))
+    assert backend.replace("session:a", b"x", b"y", later()) is True
+    assert backend.load("session:a") == (b"y", pytest.approx(later(), abs=5))
+    assert prepared_statements(backend) == []

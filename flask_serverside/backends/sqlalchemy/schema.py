@@ -26,6 +26,9 @@ UPSERTS: dict[str, t.Callable[[sa.Table], postgresql.Insert | sqlite.Insert]] = 
     "sqlite": sqlite.insert,
 }
 
+#: The PostgreSQL drivers of :mod:`.driver`'s fast path.
+DRIVERS = {"psycopg2", "psycopg"}
+
 #: How :meth:`SQLAlchemyBackend.lock` excludes others, per database; others
 #: lock the key's row (``SELECT ... FOR UPDATE``).
 LOCKS = {"postgresql": "advisory", "sqlite": "database"}
@@ -147,9 +150,10 @@ class Statements:
             if self.upsert is not None:
                 self.upsert_commit = f"{self.upsert.compile(dialect=dialect)}; COMMIT"
 
-            # psycopg2 converts the parameters (bytes, aware datetimes) and
-            # the results itself; SQLAlchemy's layer would add about a third
-            # to the statements every request runs.
+        if own_engine and dialect.name == "postgresql" and dialect.driver in DRIVERS:
+            # The driver converts the parameters (bytes, aware datetimes)
+            # and the results itself; SQLAlchemy's layer would add about a
+            # third to the statements every request runs.
             positional = postgresql.psycopg2.dialect(  # type: ignore[no-untyped-call]
                 paramstyle="numeric_dollar"
             )
@@ -161,9 +165,10 @@ class Statements:
 
 @dataclass(frozen=True)
 class DriverStatement:
-    """A statement every request runs, as psycopg2 SQL: prepared once per
-    connection (``PREPARE``, sent with the first ``EXECUTE``), which spares
-    the server parsing and planning it each time, or plain."""
+    """A statement every request runs, as psycopg2 SQL (which psycopg 3's
+    client-side binding cursor takes too): prepared once per connection
+    (``PREPARE``, sent with the first ``EXECUTE``), which spares the server
+    parsing and planning it each time, or plain."""
 
     #: Determines the statement's text (see :func:`statement_name`).
     name: str
