@@ -91,13 +91,13 @@ def _recovered(traffic: Traffic, since: float) -> bool:
 
 def _recovery_time(calls: list[Call], repaired: float) -> float:
     """Seconds from ``repaired`` to the start of the first session request
-    after which no session request failed."""
+    after which no session request failed (infinite if one failed last)."""
     session_calls = sorted(
         (c for c in calls if c.kind in ("incr", "read") and c.t1), key=lambda c: c.t0
     )
     last_failure = max((c.t0 for c in session_calls if c.status != 200), default=repaired)
-    first_good = min(c.t0 for c in session_calls if c.t0 > last_failure)
-    return max(0.0, first_good - repaired)
+    first_good = min((c.t0 for c in session_calls if c.t0 > last_failure), default=None)
+    return float("inf") if first_good is None else max(0.0, first_good - repaired)
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
