@@ -1,5 +1,6 @@
 """The shared contract on deployments other than the default stores: each
-contract class of ``test_contract.py`` again, on PostgreSQL through
+contract class of ``test_contract.py`` and the seam class of
+``test_backends.py`` again, on PostgreSQL through
 PgBouncer in transaction mode (psycopg2 and psycopg 3) and on PostgreSQL
 with psycopg 3 directly.
 
@@ -35,27 +36,8 @@ from tests.test_contract import recorded  # noqa: F401
 DEPLOYMENTS = ["postgres-psycopg", "pgbouncer-psycopg2", "pgbouncer-psycopg"]
 
 
-#: Contract tests known to fail on a deployment: (test, store) to reason.
-#: Not strict: PgBouncer hands statements to server connections by timing,
-#: so these fail in most runs, not all. The tests below show the causes
-#: deterministically, strictly marked.
-KNOWN_FAILURES = {
-    ("test_separate_processes_keep_both", "pgbouncer-psycopg"): (
-        "psycopg 3 prepares a statement on its 5th run under the names _pg3_0,"
-        " _pg3_1, ... (the same in every connection); with two processes through"
-        " PgBouncer in transaction mode, a statement lands on a server connection"
-        " without it ('prepared statement \"_pg3_0\" does not exist') or where"
-        " the other process prepared it ('prepared statement \"_pg3_0\" already"
-        " exists'): a request fails with 500 and the child exits 1"
-    ),
-}
-
-
 @pytest.fixture(params=DEPLOYMENTS)
 def backend_name(request: pytest.FixtureRequest) -> str:
-    reason = KNOWN_FAILURES.get((request.function.__name__, request.param))
-    if reason is not None:
-        request.applymarker(pytest.mark.xfail(strict=False, reason=reason))
     return t.cast(str, request.param)
 
 
@@ -155,26 +137,7 @@ def _holding_a_server_connection(server: PgBouncerServer) -> Iterator[None]:
         conn.close()
 
 
-@pytest.mark.parametrize(
-    "driver",
-    [
-        "psycopg2",
-        pytest.param(
-            "psycopg",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "psycopg 3 prepares a statement on its 5th run (prepare_threshold=5,"
-                    " names _pg3_0, _pg3_1, ...) and then only sends Bind/Execute by name;"
-                    " through PgBouncer 1.18 in transaction mode the next statement runs on"
-                    " another server connection: 'prepared statement \"_pg3_0\" does not"
-                    " exist'. The backend does not set prepare_threshold=None for psycopg"
-                ),
-                raises=sa.exc.ProgrammingError,
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_prepared_statements_survive_a_server_connection_switch(
     private_pgbouncer: PgBouncerServer, tmp_path: pathlib.Path, driver: str
 ) -> None:
@@ -189,19 +152,6 @@ def test_prepared_statements_survive_a_server_connection_switch(
             assert browser.get("/get/n").json == str(i)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "The psycopg2 driver path names its prepared statements"
-        " 'flask_serverside_select' and 'flask_serverside_replace' whatever the"
-        " table, and remembers them per client connection (conn.info): through"
-        " PgBouncer in transaction mode, EXECUTE flask_serverside_select runs on a"
-        " server connection where another app prepared it for its own table, so"
-        " no error is raised and the record is read from the wrong table: the"
-        " session is missing and its user logged out"
-    ),
-)
 def test_apps_sharing_a_database_never_run_each_others_statements(
     private_pgbouncer: PgBouncerServer, tmp_path: pathlib.Path
 ) -> None:

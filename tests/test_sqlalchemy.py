@@ -629,7 +629,9 @@ def round_trips(statements: list[str]) -> list[str]:
     for statement in statements:
         words = statement.replace("(", " ").split()
         prepared = words[0] in ("PREPARE", "EXECUTE")
-        shapes.append(" ".join(words[:2]) if prepared else words[0])
+        # The name ends with a hash of the statement's text.
+        name = words[1].rpartition("_")[0] if prepared else ""
+        shapes.append(f"{words[0]} {name}" if prepared else words[0])
     return shapes
 
 
@@ -795,3 +797,74 @@ def test_flask_sqlalchemy_session_is_left_alone(
         assert backend.load("session:a") is not None
         db.session.remove()
         db.drop_all()
+
+
+def test_prepared_statement_names_determine_their_text() -> None:
+    """Two tables never share a prepared statement's name: behind a pooler,
+    a name another client prepared must stand for the same text."""
+    dialect = sa.create_engine("postgresql+psycopg2://").dialect
+
+    def names(table: str) -> tuple[str, str]:
+        sql = sql_schema.Statements(make_table(table, sa.MetaData()), dialect, own_engine=True)
+        assert sql.driver_select is not None and sql.driver_replace is not None
+        return sql.driver_select.name, sql.driver_replace.name
+
+    assert names("sessions") == names("sessions")
+    assert set(names("sessions")).isdisjoint(names("other_sessions"))
+    assert all(len(name) < 64 for name in names("sessions"))  # PostgreSQL's limit
+
+
+def prepared_statements(backend: SQLAlchemyBackend) -> list[str]:
+    """The names of the statements prepared on the pool's connection (the
+    one a single thread gets back), without their hash."""
+    conn = backend.engine.raw_connection()
+    try:
+        cursor = conn.cursor()
+        cursor.execute("SELECT name FROM pg_prepared_statements ORDER BY name")
+        names = [str(row[0]) for row in cursor.fetchall()]
+        cursor.close()
+    finally:
+        conn.close()
+    return [name.rpartition("_")[0] if name.startswith("flask_") else name for name in names]
+
+
+@pytest.fixture
+def psycopg_url(postgres_url: str) -> str:
+    return postgres_url.replace("+psycopg2://", "+psycopg://", 1)
+
+
+def test_psycopg3_reads_and_replaces_prepared(
+    psycopg_url: str, make_backend: t.Callable[..., SQLAlchemyBackend]
+) -> None:
+    """On psycopg 3, a read and a replace run as statements prepared under
+    the names of their text, as on psycopg2; nothing else is prepared:
+    psycopg 3's automatic ones (``_pg3_0``, ...) break behind PgBouncer."""
+    backend = make_backend(url=psycopg_url)
+    backend.save("session:a", b"x", later())
+    for _ in range(6):  # more runs than psycopg 3 waits for to prepare
+        assert backend.touch("session:a", later()) is True
+        assert backend.load("session:a") == (b"x", pytest.approx(later(), abs=5))
+    assert backend.replace("session:a", b"x", b"y", later()) is True
+    assert backend.replace("session:a", b"x", b"z", later()) is False
+    assert backend.load("session:a") == (b"y", pytest.approx(later(), abs=5))
+    assert prepared_statements(backend) == [
+        "flask_serverside_replace",
+        "flask_serverside_select",
+    ]
+
+
+def test_psycopg3_prepared_statements_lost_by_a_pooler(
+    psycopg_url: str, make_backend: t.Callable[..., SQLAlchemyBackend]
+) -> None:
+    """As on psycopg2: a lost prepared statement costs no failed request,
+    and the backend stops preparing."""
+    backend = make_backend(url=psycopg_url)
+    backend.save("session:a", b"x", later())
+    assert backend.load("session:a") is not None
+    conn = backend.engine.raw_connection()
+    conn.cursor().execute("DEALLOCATE ALL")
+    conn.close()
+    assert backend.load("session:a") == (b"x", pytest.approx(later(), abs=5))
+    assert backend.replace("session:a", b"x", b"y", later()) is True
+    assert backend.load("session:a") == (b"y", pytest.approx(later(), abs=5))
+    assert prepared_statements(backend) == []

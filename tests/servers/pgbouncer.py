@@ -43,18 +43,21 @@ class PgBouncerServer(Server):
         return self.url.replace("+psycopg2://", "+psycopg://", 1)
 
 
-def start(tmp_dir: pathlib.Path, postgres: PostgresServer) -> PgBouncerServer:
+def start(
+    tmp_dir: pathlib.Path, postgres: PostgresServer, **settings: object
+) -> PgBouncerServer:
     """Start PgBouncer on a free loopback port, pooling ``postgres``'s
     ``postgres`` database per transaction.
 
     :param postgres: The running PostgreSQL to pool connections to.
+    :param settings: More ``[pgbouncer]`` settings (``query_wait_timeout=1``).
     :raises ServerNotFound: ``pgbouncer`` is not installed.
     """
     binary = find_binary("pgbouncer", "/usr/sbin", "/usr/local/bin")
     user = _system_user()
     base = pathlib.Path(_base_dir(tmp_dir, user))
     port = free_port()
-    config = _write_config(base, port, postgres.port, user)
+    config = _write_config(base, port, postgres.port, user, settings)
     kwargs: dict[str, object] = {
         "user": user,
         "cwd": base,
@@ -82,7 +85,11 @@ def start(tmp_dir: pathlib.Path, postgres: PostgresServer) -> PgBouncerServer:
 
 
 def _write_config(
-    base: pathlib.Path, port: int, postgres_port: int, user: str | None
+    base: pathlib.Path,
+    port: int,
+    postgres_port: int,
+    user: str | None,
+    settings: dict[str, object],
 ) -> pathlib.Path:
     """Write ``pgbouncer.ini`` and its user list to ``base``; return the ini."""
     userlist = base / "userlist.txt"
@@ -100,6 +107,7 @@ def _write_config(
         f"logfile = {base / 'pgbouncer.log'}\npidfile = {base / 'pgbouncer.pid'}\n"
         # A restarted PostgreSQL is tried again soon, not after 15s.
         "server_login_retry = 1\n"
+        + "".join(f"{name} = {value}\n" for name, value in settings.items())
     )
     if user is not None:
         for path in (userlist, config):

@@ -6,8 +6,8 @@ back the application's work.
 
 The package has one module per concern: :mod:`.schema` (the table and its
 statements), :mod:`.engine` (the engine built from a URL, SQLite's set-up),
-:mod:`.sections` (transactions and locks), :mod:`.driver` (the psycopg2
-fast path).
+:mod:`.sections` (transactions and locks), :mod:`.driver` (the
+PostgreSQL fast path).
 """
 
 from __future__ import annotations
@@ -61,9 +61,11 @@ class SQLAlchemyBackend(Backend):
     An engine built from ``url`` runs each statement outside :meth:`lock`
     in autocommit mode (no BEGIN and COMMIT round trips), and :meth:`lock`
     begins and ends its transaction in SQL, without isolation level
-    switches (on PostgreSQL with psycopg2, a read and a :meth:`replace` take
-    one round trip each, on the driver's connection directly; locking,
-    re-reading and saving a record take two). On SQLite it uses WAL mode (readers never
+    switches. On PostgreSQL with psycopg2 or psycopg 3, a read and a
+    :meth:`replace` take one round trip each, as statements prepared on the
+    driver's connection directly under a name of their text (plain ones
+    once a pooler loses one); with psycopg2, locking, re-reading and saving
+    a record take two. On SQLite it uses WAL mode (readers never
     wait for a writer) with ``synchronous=NORMAL``, and creates the
     database file with mode 0o600.
     An engine passed in is used as configured: every statement outside

@@ -1,5 +1,5 @@
-"""The psycopg2 fast path: a read or a replace on a pooled driver
-connection, without SQLAlchemy's execution layer."""
+"""The PostgreSQL fast path (psycopg2 and psycopg 3): a read or a replace
+on a pooled driver connection, without SQLAlchemy's execution layer."""
 
 from __future__ import annotations
 
@@ -18,13 +18,27 @@ _LOST_PREPARED = {"26000", "42P05"}
 class Driver:
     """Runs prebuilt statements on the engine's driver connections.
 
-    :param engine: The backend's engine, on psycopg2.
+    On psycopg 3, through a cursor that binds parameters on the client, as
+    psycopg2 does: it sends ``PREPARE`` and the first ``EXECUTE`` in one
+    message, under a name of the statement's own (psycopg 3's protocol-level
+    prepared statements are named ``_pg3_0``, ... in every connection, which
+    behind PgBouncer may stand for another client's statement).
+
+    :param engine: The backend's engine, on psycopg2 or psycopg 3.
     """
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
         #: Whether :meth:`run` prepares its statements.
         self._prepare = True
+        #: psycopg 3 rather than psycopg2.
+        self._psycopg3 = engine.dialect.driver == "psycopg"
+        self._client_cursor: t.Any = None
+
+        if self._psycopg3:
+            import psycopg
+
+            self._client_cursor = psycopg.ClientCursor
 
     def run(
         self, statement: DriverStatement, params: dict[str, t.Any]
@@ -59,13 +73,18 @@ class Driver:
         sql = self._sql(statement, prepared)
 
         try:
-            cursor = conn.cursor()
+            cursor = self._cursor(conn)
             cursor.execute(sql, params)
+            # psycopg 3 starts at the result of PREPARE, psycopg2 keeps only
+            # the last one.
+            while self._psycopg3 and cursor.nextset():
+                pass
             result = cursor.fetchone() if cursor.description else cursor.rowcount
-            cursor.close()
+            if self._client_cursor is None:  # psycopg 3's is kept
+                cursor.close()
             prepared.add(statement.name)
         except dbapi_error as exc:
-            if getattr(exc, "pgcode", None) in _LOST_PREPARED:
+            if _sqlstate(exc) in _LOST_PREPARED:
                 self._prepare = False
                 return False, None
 
@@ -80,6 +99,21 @@ class Driver:
 
         return True, result
 
+    def _cursor(self, conn: t.Any) -> t.Any:
+        if self._client_cursor is None:
+            return conn.cursor()
+
+        # One psycopg 3 cursor per connection (the pool clears ``info`` when
+        # it reconnects): with a new one each time, a read on the driver's
+        # connection took 1.7 times psycopg2's; with one kept, 1.1 to 1.2.
+        cursor = conn.info.get("flask_serverside_cursor")
+
+        if cursor is None or cursor.connection is not conn.driver_connection:
+            cursor = self._client_cursor(conn.driver_connection)
+            conn.info["flask_serverside_cursor"] = cursor
+
+        return cursor
+
     def _sql(self, statement: DriverStatement, prepared: set[str]) -> str:
         if not self._prepare:
             return statement.plain
@@ -88,3 +122,9 @@ class Driver:
             return statement.execute
 
         return f"{statement.prepare}; {statement.execute}"
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a psycopg2 or psycopg 3 error."""
+    code = getattr(exc, "pgcode", None) or getattr(exc, "sqlstate", None)
+    return code if isinstance(code, str) else None

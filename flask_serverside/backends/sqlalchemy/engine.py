@@ -19,8 +19,9 @@ def create_engine(url: str) -> sa.Engine:
 
     Its driver connections are in autocommit mode: each statement outside
     :meth:`SQLAlchemyBackend.lock` stands alone, without BEGIN and COMMIT
-    round trips, and ``lock()`` begins its transaction in SQL. Connecting
-    happens on first use, not here.
+    round trips, and ``lock()`` begins its transaction in SQL. On psycopg 3
+    they never prepare statements on their own (``prepare_threshold=None``,
+    unless the URL sets it). Connecting happens on first use, not here.
     """
     parsed = sa.make_url(url)
 
@@ -38,6 +39,14 @@ def create_engine(url: str) -> sa.Engine:
 
     if parsed.get_driver_name() in {"psycopg2", "psycopg"}:
         connect_args = _timeout(parsed, "connect_timeout", _CONNECT_TIMEOUT)
+
+    if parsed.get_driver_name() == "psycopg" and "prepare_threshold" not in parsed.query:
+        # psycopg 3 prepares a statement on its 5th run, under names that
+        # are the same in every connection (_pg3_0, ...): behind PgBouncer in
+        # transaction mode, a later run lands on a server connection without
+        # it, or where another client prepared that name. The backend
+        # prepares the statements of every request itself (see .driver).
+        connect_args["prepare_threshold"] = None
 
     return sa.create_engine(parsed, isolation_level="AUTOCOMMIT", connect_args=connect_args)
 

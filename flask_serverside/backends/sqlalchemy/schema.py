@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import typing as t
 from dataclasses import dataclass
 
@@ -25,7 +26,8 @@ UPSERTS: dict[str, t.Callable[[sa.Table], postgresql.Insert | sqlite.Insert]] = 
     "sqlite": sqlite.insert,
 }
 
-#: SQLSTATEs of a prepared statement that does not exist (invalid SQL
+#: The PostgreSQL drivers of :mod:`.driver`'s fast path.
+DRIVERS = {"psycopg2", "psycopg"}
 
 #: How :meth:`SQLAlchemyBackend.lock` excludes others, per database; others
 #: lock the key's row (``SELECT ... FOR UPDATE``).
@@ -148,9 +150,10 @@ class Statements:
             if self.upsert is not None:
                 self.upsert_commit = f"{self.upsert.compile(dialect=dialect)}; COMMIT"
 
-            # psycopg2 converts the parameters (bytes, aware datetimes) and
-            # the results itself; SQLAlchemy's layer would add about a third
-            # to the statements every request runs.
+        if own_engine and dialect.name == "postgresql" and dialect.driver in DRIVERS:
+            # The driver converts the parameters (bytes, aware datetimes)
+            # and the results itself; SQLAlchemy's layer would add about a
+            # third to the statements every request runs.
             positional = postgresql.psycopg2.dialect(  # type: ignore[no-untyped-call]
                 paramstyle="numeric_dollar"
             )
@@ -162,10 +165,12 @@ class Statements:
 
 @dataclass(frozen=True)
 class DriverStatement:
-    """A statement every request runs, as psycopg2 SQL: prepared once per
-    connection (``PREPARE``, sent with the first ``EXECUTE``), which spares
-    the server parsing and planning it each time, or plain."""
+    """A statement every request runs, as psycopg2 SQL (which psycopg 3's
+    client-side binding cursor takes too): prepared once per connection
+    (``PREPARE``, sent with the first ``EXECUTE``), which spares the server
+    parsing and planning it each time, or plain."""
 
+    #: Determines the statement's text (see :func:`statement_name`).
     name: str
     prepare: str
     execute: str
@@ -177,7 +182,7 @@ class DriverStatement:
     ) -> DriverStatement:
         """:param positional: ``dialect`` with ``$1`` parameters."""
         compiled = t.cast(SQLCompiler, stmt.compile(dialect=positional))
-        name = f"flask_serverside_{what}"
+        name = statement_name(what, str(compiled))
         body = str(compiled).replace("%", "%%")  # psycopg2 interpolates
         args = ", ".join(f"%({param})s" for param in compiled.positiontup or ())
         return cls(
@@ -187,6 +192,20 @@ class DriverStatement:
             plain=str(stmt.compile(dialect=dialect)),
         )
 
+
+def statement_name(what: str, sql: str) -> str:
+    """The name under which ``sql`` is prepared: ``flask_serverside_`` and
+    ``what``, then 128 bits of the SHA-256 of the text.
+
+    The name determines the text. Behind a pooler in transaction mode
+    (PgBouncer), ``EXECUTE`` may run on a server connection where another
+    client prepared the name: an app with another table, or another
+    version of this one. Under a name of its own text, it runs the same
+    statement there; under a fixed name, it would read another table's
+    row without any error.
+    """
+    digest = hashlib.sha256(sql.encode()).hexdigest()[:32]
+    return f"flask_serverside_{what}_{digest}"
 
 
 def own_rows(table: sa.Table, prefix: str, dialect: str) -> sa.ColumnElement[bool]:
