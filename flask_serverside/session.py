@@ -7,10 +7,12 @@ import typing as t
 from collections.abc import Iterator
 from datetime import datetime
 from datetime import timezone
+from uuid import UUID
 
 from flask import has_request_context
 from flask import request
 from flask.sessions import SessionMixin
+from markupsafe import Markup
 
 from . import users
 
@@ -20,6 +22,11 @@ if t.TYPE_CHECKING:
     from .store import SessionStore
 
 _PERMANENT = "_permanent"
+_MISSING: t.Any = object()
+
+#: Types whose values cannot change in place: handing one out needs no
+#: snapshot. (A tuple is immutable if its items are.)
+_LEAVES = frozenset({str, int, float, bool, type(None), bytes, Markup, datetime, UUID})
 
 
 class ServerSideSession(SessionMixin):
@@ -43,6 +50,13 @@ class ServerSideSession(SessionMixin):
         #: What was loaded from the store, or ``None`` for a new session.
         self.stored: Loaded | None = None
         self._written: set[str] = set()
+        #: A copy of each mutable value handed out (``session[key]``,
+        #: ``get``, ``setdefault``, ``items()``...) as it was then, to find
+        #: changes made inside it at save time.
+        self._handed: dict[str, t.Any] = {}
+        #: Whether the whole data dict was handed out (:attr:`data`): then
+        #: anything may have changed, and saving compares everything.
+        self._exposed = False
         self.cleared = False
         self.destroyed = False
         #: The stored ID this session had before :meth:`regenerate`.
@@ -92,7 +106,20 @@ class ServerSideSession(SessionMixin):
 
     @property
     def data(self) -> dict[str, t.Any]:
-        """The session's data, loaded from the store on first use."""
+        """The session's data, loaded from the store on first use.
+
+        Changes made through this dict are found at save time by comparing
+        the whole session with the stored one; the mapping methods of the
+        session are cheaper, since they only compare the values they handed
+        out.
+        """
+        self._exposed = True
+        return self.content
+
+    @property
+    def content(self) -> dict[str, t.Any]:
+        """The data, loaded on first use, without counting its values as
+        handed out: for the store, which only reads it."""
         self.accessed = True
         if self._data is None:
             self._data = self._load()
@@ -133,7 +160,7 @@ class ServerSideSession(SessionMixin):
 
         .. versionadded:: 0.2
         """
-        self.data  # noqa: B018 - the creation time is stored with the data.
+        self.content  # noqa: B018 - the creation time is stored with the data.
         if self.new_created is not None:
             return datetime.fromtimestamp(self.new_created, timezone.utc)
         if self.stored is None or self.stored.meta.created is None:
@@ -141,29 +168,67 @@ class ServerSideSession(SessionMixin):
         return datetime.fromtimestamp(self.stored.meta.created, timezone.utc)
 
     def __getitem__(self, key: str) -> t.Any:
-        return self.data[key]
+        value = self.content[key]
+        if type(value) not in _LEAVES and key not in self._handed:
+            self._hand_out(key, value)
+        return value
 
     def __setitem__(self, key: str, value: t.Any) -> None:
-        self.data[key] = value
+        self.content[key] = value
         self._written.add(key)
         self.modified = True
 
     def __delitem__(self, key: str) -> None:
-        del self.data[key]
+        del self.content[key]
         self._written.add(key)
         self.modified = True
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.data)
+        return iter(self.content)
 
     def __len__(self) -> int:
-        return len(self.data)
+        return len(self.content)
 
     def __contains__(self, key: object) -> bool:
-        return key in self.data
+        return key in self.content
 
     def get(self, key: str, default: t.Any = None) -> t.Any:
-        return self.data.get(key, default)
+        value = self.content.get(key, _MISSING)
+        if value is _MISSING:
+            return default
+        if type(value) not in _LEAVES and key not in self._handed:
+            self._hand_out(key, value)
+        return value
+
+    def _hand_out(self, key: str, value: t.Any) -> None:
+        """Keep a copy of a stored value about to be handed out, unless it
+        cannot change in place: only values handed out can change inside
+        without being assigned, so only they are compared at save time."""
+        if self.stored is None or key in self._written or _immutable(value):
+            return
+        try:
+            self._handed[key] = _copy(value)
+        except _Unknown:
+            # A type of a custom serializer: keep its encoded form instead.
+            self._handed[key] = _Encoded(self._store.serializer.dumps({key: value}))
+
+    def _differs(self, key: str, serializer: Serializer) -> bool:
+        """Whether a handed-out value is no longer the one handed out."""
+        data, then = self.content, self._handed[key]
+        if key not in data:
+            return True
+        if isinstance(then, _Encoded):
+            return serializer.dumps({key: data[key]}) != then
+        return not _same(then, data[key])
+
+    def unchanged(self) -> bool:
+        """Whether the data is known to be as loaded without encoding it:
+        nothing was assigned, deleted or cleared, the dict itself was not
+        handed out, and every mutable value handed out is as it was."""
+        if self._written or self.cleared or self._exposed or self.modified:
+            return False
+        serializer = self._store.serializer
+        return not any(self._differs(key, serializer) for key in self._handed)
 
     def __repr__(self) -> str:
         state = repr(self._data) if self._data is not None else "not loaded"
@@ -176,7 +241,7 @@ class ServerSideSession(SessionMixin):
         New sessions take ``SESSION_PERMANENT``. The server-side lifetime is
         ``PERMANENT_SESSION_LIFETIME`` either way.
         """
-        return bool(self.data.get(_PERMANENT, self._default_permanent))
+        return bool(self.content.get(_PERMANENT, self._default_permanent))
 
     @permanent.setter
     def permanent(self, value: bool) -> None:
@@ -184,7 +249,7 @@ class ServerSideSession(SessionMixin):
 
     def clear(self) -> None:
         """Remove all data. The stored record is replaced, not merged into."""
-        self.data.clear()
+        self.content.clear()
         self._written.clear()
         self.cleared = True
         self.modified = True
@@ -195,7 +260,7 @@ class ServerSideSession(SessionMixin):
         The old ID stops working when the request ends. Call it on login to
         defend against session fixation.
         """
-        self.data  # noqa: B018 - the old record must be known to move it.
+        self.content  # noqa: B018 - the old record must be known to move it.
         if self.regenerated_from is None and not self.new:
             self.regenerated_from = self._sid
         self._sid = self._store.new_id()
@@ -207,7 +272,7 @@ class ServerSideSession(SessionMixin):
         Binding the session to another user calls it (with
         :meth:`regenerate`): a new user's session is a new session.
         """
-        self.data  # noqa: B018 - the record to rewrite must be known.
+        self.content  # noqa: B018 - the record to rewrite must be known.
         self.new_created = time.time()
         self.modified = True
 
@@ -233,7 +298,7 @@ class ServerSideSession(SessionMixin):
         return self._stored_extra("handle")
 
     def _stored_extra(self, name: str) -> str | None:
-        self.data  # noqa: B018 - the binding is stored with the data.
+        self.content  # noqa: B018 - the binding is stored with the data.
         return None if self.stored is None else self.stored.meta.extra.get(name)
 
     def bind_user(self, user_id: str | int) -> None:
@@ -271,6 +336,7 @@ class ServerSideSession(SessionMixin):
         self.destroyed = True
         self._data = {}
         self._written.clear()
+        self._handed.clear()
         self.stored = None
         self.binding = None
         self.new = True
@@ -283,13 +349,22 @@ class ServerSideSession(SessionMixin):
     def changed_keys(self, serializer: Serializer) -> set[str]:
         """The top-level keys this request set, deleted or mutated in place.
 
-        Mutations inside nested values are found by comparing each key's
-        serialized form with the one loaded.
+        Mutations inside nested values are found by comparing each mutable
+        value handed out with its copy from then. If the whole dict was
+        handed out (:attr:`data`), each key's serialized form is compared
+        with the one loaded instead.
         """
-        data = self.data
+        data = self.content
         if self.stored is None:
             return set(data)
         changed = set(self._written)
+        if not self._exposed:
+            changed.update(
+                key
+                for key in self._handed
+                if key not in changed and self._differs(key, serializer)
+            )
+            return changed
         original = serializer.loads(self.stored.raw)
         for key in original.keys() | data.keys():
             if key in changed:
@@ -308,6 +383,70 @@ def _device() -> tuple[str | None, str | None]:
     if not has_request_context():
         return None, None
     return request.remote_addr, request.user_agent.string or None
+
+
+class _Unknown(Exception):
+    """A value of a type :func:`_copy` does not know."""
+
+
+class _Encoded(bytes):
+    """The serialized ``{key: value}`` of a handed-out value of an unknown
+    type, kept instead of a copy."""
+
+
+def _immutable(value: t.Any) -> bool:
+    """Whether ``value`` cannot change in place."""
+    kind = type(value)
+    if kind in _LEAVES:
+        return True
+    return kind is tuple and all(_immutable(item) for item in value)
+
+
+def _copy(value: t.Any) -> t.Any:
+    """A deep copy of session data made of the types every serializer
+    round-trips.
+
+    :raises _Unknown: It holds another type.
+    """
+    kind = type(value)
+    if kind in _LEAVES:
+        return value
+    if kind is list:
+        return [_copy(item) for item in value]
+    if kind is dict:
+        return {_key(k): _copy(v) for k, v in value.items()}
+    if kind is tuple:
+        return tuple(_copy(item) for item in value)
+    raise _Unknown
+
+
+def _key(key: t.Any) -> t.Any:
+    if not _immutable(key):
+        raise _Unknown
+    return key
+
+
+def _same(old: t.Any, new: t.Any) -> bool:
+    """Whether two values serialize alike: the same types all the way down,
+    the same items in the same order, equal leaves. Unequal means changed;
+    where in doubt (an equivalent time zone object), it says changed."""
+    kind = type(old)
+    if kind is not type(new):
+        return False
+    if kind is list or kind is tuple:
+        return len(old) == len(new) and all(map(_same, old, new))
+    if kind is dict:
+        return (
+            len(old) == len(new)
+            and all(map(_same, old, new))
+            and all(_same(v, new[k]) for k, v in old.items())
+        )
+    if kind is float:
+        # Tells -0.0 from 0.0, and a NaN equals itself.
+        return bool(old.hex() == new.hex())
+    if kind is datetime:
+        return bool(old == new and old.tzinfo is new.tzinfo)
+    return bool(old == new)
 
 
 def is_empty(data: t.Mapping[str, t.Any]) -> bool:

@@ -428,19 +428,19 @@ class SessionStore:
             return self._create(session, lifetime)
         if self.clocks is not None and self._ended(session, self.clocks):
             return Outcome.DROPPED
-        raw = self.serializer.dumps(session.data)
-        if (
-            raw == session.stored.raw
-            and session.regenerated_from is None
-            and session.new_created is None
-        ):
+        same_record = session.regenerated_from is None and session.new_created is None
+        if same_record and session.unchanged():
+            # Nothing assigned and no handed-out value changed: no encoding.
+            return self._touch(session, session.stored, lifetime)
+        raw = self.serializer.dumps(session.content)
+        if same_record and raw == session.stored.raw:
             return self._touch(session, session.stored, lifetime)
         return self._write(session, session.stored, raw, lifetime)
 
     def _create(self, session: ServerSideSession, lifetime: float) -> Outcome:
-        if is_empty(session.data) and session.binding is None:
+        if is_empty(session.content) and session.binding is None:
             return Outcome.NOTHING
-        raw = self._encode(session.data)
+        raw = self._encode(session.content)
         now = time.time()
         meta = records.Meta(created=now, issued=now, extra=session.binding or {})
         stored = records.pack(meta, raw)
@@ -518,7 +518,7 @@ class SessionStore:
     ) -> Outcome:
         """The part of :meth:`_write` inside the exclusive section of ``key``,
         whose ``record`` was read there."""
-        data, meta = session.data, stored.meta
+        data, meta = session.content, stored.meta
         if record is None or record.expires <= now or record.data != stored.stored:
             current = self._decode(record, now)
             merged = self._merge(session, current)
@@ -546,7 +546,7 @@ class SessionStore:
         Regenerating, emptying and an oversized session take the locked path,
         which handles them.
         """
-        if session.regenerated_from is not None or is_empty(session.data):
+        if session.regenerated_from is not None or is_empty(session.content):
             return False
         if len(raw) > self.max_bytes:
             return False
@@ -566,11 +566,11 @@ class SessionStore:
             )
             return None
         if session.cleared:
-            return dict(session.data)
+            return dict(session.content)
         merged = current.data
         for key in session.changed_keys(self.serializer):
-            if key in session.data:
-                merged[key] = session.data[key]
+            if key in session.content:
+                merged[key] = session.content[key]
             else:
                 merged.pop(key, None)
         return merged
