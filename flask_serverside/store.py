@@ -14,6 +14,7 @@ from collections.abc import Callable
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from dataclasses import field
 
 from . import clocks as clock
 from . import ids
@@ -133,12 +134,20 @@ class SessionStore:
     #: Another store whose sessions are taken over as their users come back;
     #: see :func:`flask_serverside.migrate.adopt_flask_session_files`.
     adopter: Adopter | None = None
+    _last_key: tuple[str, str] = field(default=("", ""), init=False, repr=False)
 
     def new_id(self) -> str:
         return ids.generate(self.id_bytes)
 
     def key(self, sid: str) -> str:
-        return ids.storage_key(self.prefix, sid)
+        # A request asks for its key up to three times (load, touch or
+        # write, index): the last one is kept rather than hashed again.
+        last = self._last_key
+        if last[0] == sid:
+            return last[1]
+        key = ids.storage_key(self.prefix, sid)
+        self._last_key = (sid, key)
+        return key
 
     @contextmanager
     def _guard(self, action: str) -> Iterator[None]:

@@ -7,6 +7,7 @@ session's size. These tests run on every store.
 
 from __future__ import annotations
 
+import datetime
 import threading
 import typing as t
 
@@ -15,8 +16,12 @@ from flask import Flask
 from flask import g
 from flask import session
 from markupsafe import Markup
+from werkzeug.http import dump_cookie
+from werkzeug.http import http_date
+from werkzeug.http import parse_date
 
 from flask_serverside.serializers import JSONSerializer
+from tests.conftest import build_app
 from tests.test_contract import start_session
 from tests.test_contract import stored
 
@@ -229,3 +234,72 @@ class TestNestedChangesAreSaved:
         assert data is not None
         assert data["cart"] == ["tea", "slow"]
         assert data["other"] == "1"
+
+
+class TestRefreshedCookie:
+    """The refreshed cookie of a read is built from a cached header; it must
+    be the header werkzeug builds, for the current settings and time."""
+
+    @pytest.mark.parametrize("sign", [False, True])
+    def test_same_header_as_werkzeug(self, tmp_path: t.Any, sign: bool) -> None:
+        app = build_app(tmp_path, {"SESSION_SIGN_ID": sign})
+        client = app.test_client()
+        client.get("/set/a/1")
+        value = cookie(client)
+        fresh = app.test_client(use_cookies=False)
+        settings = [
+            {},
+            {"SESSION_COOKIE_SECURE": True, "SESSION_COOKIE_SAMESITE": "Strict"},
+            {"SESSION_COOKIE_DOMAIN": "example.org", "SESSION_COOKIE_PATH": "/app"},
+            {"SESSION_COOKIE_HTTPONLY": False, "SESSION_COOKIE_PARTITIONED": True},
+            {"SESSION_COOKIE_NAME": "other"},
+            {},
+        ]
+        for config in settings:
+            app.config.update(config)
+            name = app.config["SESSION_COOKIE_NAME"]
+            response = fresh.get("/get/a", headers={"Cookie": f"{name}={value}"})
+            assert response.json == "1"
+            header = response.headers["Set-Cookie"]
+            with app.test_request_context():
+                interface = app.session_interface
+                expected = dump_cookie(
+                    name,
+                    value,
+                    expires=http_date(parse_date(header.split("Expires=")[1].split(";")[0])),
+                    domain=interface.get_cookie_domain(app),
+                    path=interface.get_cookie_path(app),
+                    secure=interface.get_cookie_secure(app),
+                    httponly=interface.get_cookie_httponly(app),
+                    samesite=interface.get_cookie_samesite(app),
+                    partitioned=interface.get_cookie_partitioned(app),
+                )
+            assert header == expected
+            app.config.update(_defaults_of(config))
+
+    def test_expiry_follows_the_clock(self, tmp_path: t.Any) -> None:
+        app = build_app(tmp_path, {"PERMANENT_SESSION_LIFETIME": 3600})
+        client = app.test_client()
+        client.get("/set/a/1")
+        first = expiry(client.get("/get/a"))
+        app.config["PERMANENT_SESSION_LIFETIME"] = datetime.timedelta(seconds=7200)
+        second = expiry(client.get("/get/a"))
+        assert second - first >= datetime.timedelta(seconds=3600)
+
+
+def cookie(client: t.Any) -> str:
+    found = client.get_cookie("session")
+    assert found is not None
+    return t.cast(str, found.value)
+
+
+def expiry(response: t.Any) -> datetime.datetime:
+    header = response.headers["Set-Cookie"]
+    found = parse_date(header.split("Expires=")[1].split(";")[0])
+    assert found is not None
+    return found
+
+
+def _defaults_of(config: dict[str, t.Any]) -> dict[str, t.Any]:
+    """Flask's defaults for the keys of ``config``."""
+    return {key: Flask.default_config[key] for key in config}
