@@ -100,7 +100,7 @@ class ServerSideSessionInterface(SessionInterface):
         assert isinstance(session, ServerSideSession)
         self._schedule_cleanup(response)
         if session.accessed:
-            response.vary.add("Cookie")
+            _vary_on_cookie(response)
         if session.load_failed or session.save_attempted:
             return
         if not session.loaded:
@@ -244,6 +244,14 @@ class ServerSideSessionInterface(SessionInterface):
             return 0
         logger.info("Removed %d expired sessions.", removed)
         return removed
+
+
+def _vary_on_cookie(response: Response) -> None:
+    """Add ``Vary: Cookie``; parsing the header only if it is there."""
+    if "Vary" in response.headers:
+        response.vary.add("Cookie")
+    else:
+        response.headers["Vary"] = "Cookie"
 
 
 def _replace_response(response: Response, error: BackendUnavailable) -> None:

@@ -154,17 +154,25 @@ class SessionStore:
         try:
             yield
         except self.backend.unavailable_errors as exc:
-            logger.error(
-                "Session store unavailable while %s (%s): %s",
-                action,
-                self.backend.describe(),
-                _error_text(exc),
-            )
-            raise BackendUnavailable() from exc
+            raise self._unavailable(action, exc) from exc
+
+    def _unavailable(self, action: str, exc: BaseException) -> BackendUnavailable:
+        """Log a store failure; the error to raise instead of it."""
+        logger.error(
+            "Session store unavailable while %s (%s): %s",
+            action,
+            self.backend.describe(),
+            _error_text(exc),
+        )
+        return BackendUnavailable()
 
     def _call(self, action: str, func: Callable[..., T], *args: t.Any) -> T:
-        with self._guard(action):
+        # Not through _guard: a generator context manager costs more than
+        # the rest of a request's store call around it.
+        try:
             return func(*args)
+        except self.backend.unavailable_errors as exc:
+            raise self._unavailable(action, exc) from exc
 
     def load(self, sid: str, renew: bool = False) -> Loaded | None:
         """Read a live session, or ``None`` if missing, expired or corrupt.
@@ -383,23 +391,30 @@ class SessionStore:
         :raises SessionTooLarge: The session is over ``max_bytes``; the stored
             record is as it was.
         """
-        with self._guard("saving"):
-            if session.destroyed_sid is not None:
-                session.destroy_removed = self._delete(self.key(session.destroyed_sid))
-            user_id = self._moving_user(session)
-            if user_id is None:
-                outcome = self._save(session, lifetime)
-                if outcome is Outcome.WRITTEN and session.stored is not None:
-                    # A write moves the expiry, as a touch does.
-                    users.touched(self, session.stored.meta, time.time() + lifetime)
-                return outcome
-            # The index's section first: no revoke runs between the record's
-            # move and its index entry's.
-            with users.section(self, user_id):
-                outcome = self._save(session, lifetime)
-                if outcome is Outcome.CREATED:
-                    self._index(session, time.time() + lifetime)
-                return outcome
+        try:
+            return self._save_guarded(session, lifetime)
+        except self.backend.unavailable_errors as exc:
+            raise self._unavailable("saving", exc) from exc
+
+    def _save_guarded(self, session: ServerSideSession, lifetime: float) -> Outcome:
+        """The body of :meth:`save`, which turns its store errors into
+        :exc:`~flask_serverside.BackendUnavailable`."""
+        if session.destroyed_sid is not None:
+            session.destroy_removed = self._delete(self.key(session.destroyed_sid))
+        user_id = self._moving_user(session)
+        if user_id is None:
+            outcome = self._save(session, lifetime)
+            if outcome is Outcome.WRITTEN and session.stored is not None:
+                # A write moves the expiry, as a touch does.
+                users.touched(self, session.stored.meta, time.time() + lifetime)
+            return outcome
+        # The index's section first: no revoke runs between the record's
+        # move and its index entry's.
+        with users.section(self, user_id):
+            outcome = self._save(session, lifetime)
+            if outcome is Outcome.CREATED:
+                self._index(session, time.time() + lifetime)
+            return outcome
 
     def _moving_user(self, session: ServerSideSession) -> str | None:
         """The user whose index this save changes: the one being bound, or

@@ -303,3 +303,18 @@ def expiry(response: t.Any) -> datetime.datetime:
 def _defaults_of(config: dict[str, t.Any]) -> dict[str, t.Any]:
     """Flask's defaults for the keys of ``config``."""
     return {key: Flask.default_config[key] for key in config}
+
+
+class TestVary:
+    def test_vary_cookie_added_to_the_views_own(self, tmp_path: t.Any) -> None:
+        app = build_app(tmp_path, {})
+
+        @app.get("/negotiated")
+        def negotiated() -> t.Any:
+            session.get("a")
+            return "ok", {"Vary": "Accept-Encoding"}
+
+        client = app.test_client()
+        assert client.get("/get/a").headers["Vary"] == "Cookie"
+        assert client.get("/negotiated").headers["Vary"] == "Accept-Encoding, Cookie"
+        assert "Vary" not in client.get("/nothing").headers
