@@ -92,7 +92,7 @@ class ServerSideSessionInterface(SessionInterface):
         return ids.parse_cookie(value, self._signing_keys(app))
 
     def open_session(self, app: Flask, request: Request) -> ServerSideSession:
-        value = request.cookies.get(self.get_cookie_name(app))
+        value = _request_cookie(request, self.get_cookie_name(app))
         sid = self.parse_sid(app, value) if value else None
         return ServerSideSession(self.store, sid, self.permanent)
 
@@ -191,11 +191,12 @@ class ServerSideSessionInterface(SessionInterface):
     ) -> tuple[str, str]:
         """The ``Set-Cookie`` header werkzeug's ``dump_cookie`` builds for
         these arguments, split around the value, from a small cache."""
-        second = None if expires is None else expires.replace(microsecond=0)
+        # The header shows the expiry to the second.
+        second = None if expires is None else (int(expires.timestamp()), expires.tzinfo)
         key = (name, second, *options.values())
         found = self._cookie_headers.get(key)
         if found is None:
-            header = dump_cookie(name, _MARK, expires=second, **options)
+            header = dump_cookie(name, _MARK, expires=expires, **options)
             head, _, tail = header.partition(_MARK)
             found = (head, tail)
             if len(self._cookie_headers) >= 64:
@@ -244,6 +245,26 @@ class ServerSideSessionInterface(SessionInterface):
             return 0
         logger.info("Removed %d expired sessions.", removed)
         return removed
+
+
+def _request_cookie(request: Request, name: str) -> str | None:
+    """The value of the request's cookie ``name``, as ``request.cookies``
+    has it, without parsing every cookie of the request when the header
+    plainly holds it once."""
+    header: str | None = request.environ.get("HTTP_COOKIE")
+    if not header or not name.isascii():
+        return request.cookies.get(name) if header else None
+    count = header.count(name)
+    if count == 0:
+        return None
+    if count == 1:
+        for part in header.split(";"):
+            key, equals, value = part.strip().partition("=")
+            if key == name:
+                if equals and _PLAIN_VALUE.fullmatch(value) is not None:
+                    return value
+                break
+    return request.cookies.get(name)
 
 
 def _vary_on_cookie(response: Response) -> None:

@@ -19,7 +19,9 @@ from markupsafe import Markup
 from werkzeug.http import dump_cookie
 from werkzeug.http import http_date
 from werkzeug.http import parse_date
+from werkzeug.wrappers import Request
 
+from flask_serverside.interface import _request_cookie
 from flask_serverside.serializers import JSONSerializer
 from tests.conftest import build_app
 from tests.test_contract import start_session
@@ -318,3 +320,32 @@ class TestVary:
         assert client.get("/get/a").headers["Vary"] == "Cookie"
         assert client.get("/negotiated").headers["Vary"] == "Accept-Encoding, Cookie"
         assert "Vary" not in client.get("/nothing").headers
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,
+        "",
+        "session=abc",
+        "a=1; session=abc",
+        "a=b;session=abc;c=d",
+        "session=abc; session=def",
+        'a="x;session=evil"; session=good',
+        "session =abc",
+        "session= abc",
+        "xsession=1; session=abc",
+        "sessionx=1",
+        "session",
+        "session=",
+        'session="abc"',
+        "session=a b",
+        "session=abc.def-_",
+        "\tsession=abc\t; other=session",
+    ],
+)
+def test_session_cookie_read_as_werkzeug_reads_it(header: str | None) -> None:
+    environ = {} if header is None else {"HTTP_COOKIE": header}
+    request = Request(environ)
+    expected = Request(environ).cookies.get("session")
+    assert _request_cookie(request, "session") == expected
