@@ -210,7 +210,11 @@ class ServerSideSession(SessionMixin):
             self._handed[key] = _copy(value)
         except _Unknown:
             # A type of a custom serializer: keep its encoded form instead.
-            self._handed[key] = _Encoded(self._store.serializer.dumps({key: value}))
+            try:
+                self._handed[key] = _Encoded(self._store.serializer.dumps({key: value}))
+            except Exception:
+                # Let saving compare everything, and report the error then.
+                self._exposed = True
 
     def _differs(self, key: str, serializer: Serializer) -> bool:
         """Whether a handed-out value is no longer the one handed out."""

@@ -349,3 +349,31 @@ def test_session_cookie_read_as_werkzeug_reads_it(header: str | None) -> None:
     request = Request(environ)
     expected = Request(environ).cookies.get("session")
     assert _request_cookie(request, "session") == expected
+
+
+class Cart(list):  # type: ignore[type-arg]
+    """A type only a custom serializer knows."""
+
+
+class CartSerializer(CountingSerializer):
+    def loads(self, data: bytes) -> dict[str, t.Any]:
+        value = super().loads(data)
+        if isinstance(value.get("cart"), list):
+            value["cart"] = Cart(value["cart"])
+        return value
+
+
+def test_nested_change_in_a_custom_type_is_saved(make_app: t.Callable[..., Flask]) -> None:
+    """A value of a type the session cannot copy is compared by its
+    serialized form."""
+    serializer = CartSerializer()
+    app = make_app(SESSION_SERIALIZER=serializer)
+    add_views(app)
+    client = app.test_client()
+    client.get("/fill")
+    client.get("/read-everything")
+    client.get("/via-get")
+    data = stored(app, start_session(client))
+    assert data is not None
+    assert type(data["cart"]) is Cart
+    assert data["cart"] == ["tea", "get"]
