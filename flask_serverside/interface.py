@@ -180,7 +180,7 @@ class ServerSideSessionInterface(SessionInterface):
     ) -> None:
         name, value = self.get_cookie_name(app), self.cookie_value(app, sid)
         options = self._cookie_options(app)
-        if _PLAIN_VALUE.fullmatch(value) is None:
+        if _PLAIN_VALUE.fullmatch(value) is None or _MARK in name:
             response.set_cookie(name, value, expires=expires, **options)
             return
         head, tail = self._cookie_header(name, expires, options)
