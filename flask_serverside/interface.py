@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import typing as t
@@ -11,6 +12,7 @@ from datetime import timedelta
 from datetime import timezone
 
 from flask.sessions import SessionInterface
+from werkzeug.http import dump_cookie
 
 from . import ids
 from . import signals
@@ -27,6 +29,12 @@ if t.TYPE_CHECKING:
     from .store import SessionStore
 
 logger = logging.getLogger("flask_serverside")
+
+#: Cookie values that werkzeug's ``dump_cookie`` sends as they are: IDs and
+#: signed IDs are always such.
+_PLAIN_VALUE = re.compile(r"[A-Za-z0-9_.-]+")
+#: Stands for the value in a cached ``Set-Cookie`` header.
+_MARK = "FlaskServerSideValue"
 
 
 class ServerSideSessionInterface(SessionInterface):
@@ -59,6 +67,10 @@ class ServerSideSessionInterface(SessionInterface):
         self.cleanup_interval = cleanup_interval
         self._next_cleanup = 0.0
         self._cleanup_lock = threading.Lock()
+        #: ``Set-Cookie`` headers around the value, by name, expiry (to the
+        #: second, as sent) and attributes: building one is much of what a
+        #: read request costs, and they change once per second at most.
+        self._cookie_headers: dict[tuple[t.Any, ...], tuple[str, str]] = {}
 
     def _signing_keys(self, app: Flask) -> list[str | bytes] | None:
         if not self.sign_id:
@@ -80,7 +92,7 @@ class ServerSideSessionInterface(SessionInterface):
         return ids.parse_cookie(value, self._signing_keys(app))
 
     def open_session(self, app: Flask, request: Request) -> ServerSideSession:
-        value = request.cookies.get(self.get_cookie_name(app))
+        value = _request_cookie(request, self.get_cookie_name(app))
         sid = self.parse_sid(app, value) if value else None
         return ServerSideSession(self.store, sid, self.permanent)
 
@@ -88,7 +100,7 @@ class ServerSideSessionInterface(SessionInterface):
         assert isinstance(session, ServerSideSession)
         self._schedule_cleanup(response)
         if session.accessed:
-            response.vary.add("Cookie")
+            _vary_on_cookie(response)
         if session.load_failed or session.save_attempted:
             return
         if not session.loaded:
@@ -166,12 +178,31 @@ class ServerSideSessionInterface(SessionInterface):
     def _set_cookie(
         self, app: Flask, response: Response, sid: str, expires: datetime | None
     ) -> None:
-        response.set_cookie(
-            self.get_cookie_name(app),
-            self.cookie_value(app, sid),
-            expires=expires,
-            **self._cookie_options(app),
-        )
+        name, value = self.get_cookie_name(app), self.cookie_value(app, sid)
+        options = self._cookie_options(app)
+        if _PLAIN_VALUE.fullmatch(value) is None or _MARK in name:
+            response.set_cookie(name, value, expires=expires, **options)
+            return
+        head, tail = self._cookie_header(name, expires, options)
+        response.headers.add("Set-Cookie", f"{head}{value}{tail}")
+
+    def _cookie_header(
+        self, name: str, expires: datetime | None, options: dict[str, t.Any]
+    ) -> tuple[str, str]:
+        """The ``Set-Cookie`` header werkzeug's ``dump_cookie`` builds for
+        these arguments, split around the value, from a small cache."""
+        # The header shows the expiry to the second.
+        second = None if expires is None else (int(expires.timestamp()), expires.tzinfo)
+        key = (name, second, *options.values())
+        found = self._cookie_headers.get(key)
+        if found is None:
+            header = dump_cookie(name, _MARK, expires=expires, **options)
+            head, _, tail = header.partition(_MARK)
+            found = (head, tail)
+            if len(self._cookie_headers) >= 64:
+                self._cookie_headers.clear()
+            self._cookie_headers[key] = found
+        return found
 
     def _delete_cookie(self, app: Flask, response: Response) -> None:
         response.delete_cookie(self.get_cookie_name(app), **self._cookie_options(app))
@@ -214,6 +245,34 @@ class ServerSideSessionInterface(SessionInterface):
             return 0
         logger.info("Removed %d expired sessions.", removed)
         return removed
+
+
+def _request_cookie(request: Request, name: str) -> str | None:
+    """The value of the request's cookie ``name``, as ``request.cookies``
+    has it, without parsing every cookie of the request when the header
+    plainly holds it once."""
+    header: str | None = request.environ.get("HTTP_COOKIE")
+    if not header or not name.isascii():
+        return request.cookies.get(name) if header else None
+    count = header.count(name)
+    if count == 0:
+        return None
+    if count == 1:
+        for part in header.split(";"):
+            key, equals, value = part.strip().partition("=")
+            if key == name:
+                if equals and _PLAIN_VALUE.fullmatch(value) is not None:
+                    return value
+                break
+    return request.cookies.get(name)
+
+
+def _vary_on_cookie(response: Response) -> None:
+    """Add ``Vary: Cookie``; parsing the header only if it is there."""
+    if "Vary" in response.headers:
+        response.vary.add("Cookie")
+    else:
+        response.headers["Vary"] = "Cookie"
 
 
 def _replace_response(response: Response, error: BackendUnavailable) -> None:

@@ -109,20 +109,20 @@ def _save(store: SessionStore, session: ServerSideSession, lifetime: float) -> O
         return _create(store, session, lifetime)
     if store.clocks is not None and renewal.ended(store, session, store.clocks):
         return Outcome.DROPPED
-    raw = store.serializer.dumps(session.data)
-    if (
-        raw == session.stored.raw
-        and session.regenerated_from is None
-        and session.new_created is None
-    ):
+    same_record = session.regenerated_from is None and session.new_created is None
+    if same_record and session.unchanged():
+        # Nothing assigned and no handed-out value changed: no encoding.
+        return _touch(store, session, session.stored, lifetime)
+    raw = store.serializer.dumps(session.content)
+    if same_record and raw == session.stored.raw:
         return _touch(store, session, session.stored, lifetime)
     return _write(store, session, session.stored, raw, lifetime)
 
 
 def _create(store: SessionStore, session: ServerSideSession, lifetime: float) -> Outcome:
-    if is_empty(session.data) and session.binding is None:
+    if is_empty(session.content) and session.binding is None:
         return Outcome.NOTHING
-    raw = store._encode(session.data)
+    raw = store.encode(session.content)
     now = time.time()
     meta = records.Meta(created=now, issued=now, extra=session.binding or {})
     stored = records.pack(meta, raw)
@@ -186,7 +186,7 @@ def _write_locked(
 ) -> Outcome:
     """The part of :meth:`_write` inside the exclusive section of ``key``,
     whose ``record`` was read there."""
-    data, meta = session.data, stored.meta
+    data, meta = session.content, stored.meta
     if record is None or record.expires <= now or record.data != stored.stored:
         current = store.decode(record, now)
         merged = _merge(store, session, current)
@@ -196,7 +196,7 @@ def _write_locked(
     if is_empty(data) and session.binding is None:
         store.backend.delete(key)
         return Outcome.EMPTIED
-    store._check_size(raw)
+    store.check_size(raw)
     meta = _restarted(session, meta)
     if session.regenerated_from is None:
         store.backend.save(key, records.pack(meta, raw), now + lifetime)
@@ -215,7 +215,7 @@ def _replace(
     Regenerating, emptying and an oversized session take the locked path,
     which handles them.
     """
-    if session.regenerated_from is not None or is_empty(session.data):
+    if session.regenerated_from is not None or is_empty(session.content):
         return False
     if len(raw) > store.max_bytes:
         return False
@@ -236,11 +236,11 @@ def _merge(
         )
         return None
     if session.cleared:
-        return dict(session.data)
+        return dict(session.content)
     merged = current.data
     for key in session.changed_keys(store.serializer):
-        if key in session.data:
-            merged[key] = session.data[key]
+        if key in session.content:
+            merged[key] = session.content[key]
         else:
             merged.pop(key, None)
     return merged

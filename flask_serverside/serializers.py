@@ -33,13 +33,18 @@ class JSONSerializer:
 
     def __init__(self) -> None:
         self._tagger = TaggedJSONSerializer()
+        # json.dumps and json.loads build a new encoder or decoder on every
+        # call that passes options; these are built once.
+        self._encoder = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+        self._decoder = json.JSONDecoder(object_hook=self._tagger.untag)
 
     def dumps(self, data: dict[str, t.Any]) -> bytes:
-        tagged = self._tagger.tag(data)
-        return json.dumps(tagged, separators=(",", ":"), sort_keys=True).encode()
+        return self._encoder.encode(self._tagger.tag(data)).encode()
 
     def loads(self, data: bytes) -> dict[str, t.Any]:
-        value = json.loads(data, object_hook=self._tagger.untag)
+        # What json.loads does with bytes.
+        text = data.decode(json.detect_encoding(data), "surrogatepass")
+        value = self._decoder.decode(text)
         if not isinstance(value, dict):
             raise ValueError("a session record must hold a JSON object")
         return value

@@ -13,6 +13,12 @@ from flask import request
 from flask.sessions import SessionMixin
 
 from . import users
+from .changes import copy_value
+from .changes import Encoded
+from .changes import immutable
+from .changes import LEAVES
+from .changes import same
+from .changes import Unknown
 
 if t.TYPE_CHECKING:
     from .record import Loaded
@@ -20,6 +26,7 @@ if t.TYPE_CHECKING:
     from .store import SessionStore
 
 _PERMANENT = "_permanent"
+_MISSING: t.Any = object()
 
 
 class ServerSideSession(SessionMixin):
@@ -43,6 +50,13 @@ class ServerSideSession(SessionMixin):
         #: What was loaded from the store, or ``None`` for a new session.
         self.stored: Loaded | None = None
         self._written: set[str] = set()
+        #: A copy of each mutable value handed out (``session[key]``,
+        #: ``get``, ``setdefault``, ``items()``...) as it was then, to find
+        #: changes made inside it at save time.
+        self._handed: dict[str, t.Any] = {}
+        #: Whether the whole data dict was handed out (:attr:`data`): then
+        #: anything may have changed, and saving compares everything.
+        self._exposed = False
         self.cleared = False
         self.destroyed = False
         #: The stored ID this session had before :meth:`regenerate`.
@@ -92,7 +106,20 @@ class ServerSideSession(SessionMixin):
 
     @property
     def data(self) -> dict[str, t.Any]:
-        """The session's data, loaded from the store on first use."""
+        """The session's data, loaded from the store on first use.
+
+        Changes made through this dict are found at save time by comparing
+        the whole session with the stored one; the mapping methods of the
+        session are cheaper, since they only compare the values they handed
+        out.
+        """
+        self._exposed = True
+        return self.content
+
+    @property
+    def content(self) -> dict[str, t.Any]:
+        """The data, loaded on first use, without counting its values as
+        handed out: for the store, which only reads it."""
         self.accessed = True
         if self._data is None:
             self._data = self._load()
@@ -133,7 +160,7 @@ class ServerSideSession(SessionMixin):
 
         .. versionadded:: 0.2
         """
-        self.data  # noqa: B018 - the creation time is stored with the data.
+        self.content  # noqa: B018 - the creation time is stored with the data.
         if self.new_created is not None:
             return datetime.fromtimestamp(self.new_created, timezone.utc)
         if self.stored is None or self.stored.meta.created is None:
@@ -141,29 +168,71 @@ class ServerSideSession(SessionMixin):
         return datetime.fromtimestamp(self.stored.meta.created, timezone.utc)
 
     def __getitem__(self, key: str) -> t.Any:
-        return self.data[key]
+        value = self.content[key]
+        if type(value) not in LEAVES and key not in self._handed:
+            self._hand_out(key, value)
+        return value
 
     def __setitem__(self, key: str, value: t.Any) -> None:
-        self.data[key] = value
+        self.content[key] = value
         self._written.add(key)
         self.modified = True
 
     def __delitem__(self, key: str) -> None:
-        del self.data[key]
+        del self.content[key]
         self._written.add(key)
         self.modified = True
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.data)
+        return iter(self.content)
 
     def __len__(self) -> int:
-        return len(self.data)
+        return len(self.content)
 
     def __contains__(self, key: object) -> bool:
-        return key in self.data
+        return key in self.content
 
     def get(self, key: str, default: t.Any = None) -> t.Any:
-        return self.data.get(key, default)
+        value = self.content.get(key, _MISSING)
+        if value is _MISSING:
+            return default
+        if type(value) not in LEAVES and key not in self._handed:
+            self._hand_out(key, value)
+        return value
+
+    def _hand_out(self, key: str, value: t.Any) -> None:
+        """Keep a copy of a stored value about to be handed out, unless it
+        cannot change in place: only values handed out can change inside
+        without being assigned, so only they are compared at save time."""
+        if self.stored is None or key in self._written or immutable(value):
+            return
+        try:
+            self._handed[key] = copy_value(value)
+        except Unknown:
+            # A type of a custom serializer: keep its encoded form instead.
+            try:
+                self._handed[key] = Encoded(self._store.serializer.dumps({key: value}))
+            except Exception:
+                # Let saving compare everything, and report the error then.
+                self._exposed = True
+
+    def _differs(self, key: str, serializer: Serializer) -> bool:
+        """Whether a handed-out value is no longer the one handed out."""
+        data, then = self.content, self._handed[key]
+        if key not in data:
+            return True
+        if isinstance(then, Encoded):
+            return serializer.dumps({key: data[key]}) != then
+        return not same(then, data[key])
+
+    def unchanged(self) -> bool:
+        """Whether the data is known to be as loaded without encoding it:
+        nothing was assigned, deleted or cleared, the dict itself was not
+        handed out, and every mutable value handed out is as it was."""
+        if self._written or self.cleared or self._exposed or self.modified:
+            return False
+        serializer = self._store.serializer
+        return not any(self._differs(key, serializer) for key in self._handed)
 
     def __repr__(self) -> str:
         state = repr(self._data) if self._data is not None else "not loaded"
@@ -176,7 +245,7 @@ class ServerSideSession(SessionMixin):
         New sessions take ``SESSION_PERMANENT``. The server-side lifetime is
         ``PERMANENT_SESSION_LIFETIME`` either way.
         """
-        return bool(self.data.get(_PERMANENT, self._default_permanent))
+        return bool(self.content.get(_PERMANENT, self._default_permanent))
 
     @permanent.setter
     def permanent(self, value: bool) -> None:
@@ -184,7 +253,7 @@ class ServerSideSession(SessionMixin):
 
     def clear(self) -> None:
         """Remove all data. The stored record is replaced, not merged into."""
-        self.data.clear()
+        self.content.clear()
         self._written.clear()
         self.cleared = True
         self.modified = True
@@ -195,7 +264,7 @@ class ServerSideSession(SessionMixin):
         The old ID stops working when the request ends. Call it on login to
         defend against session fixation.
         """
-        self.data  # noqa: B018 - the old record must be known to move it.
+        self.content  # noqa: B018 - the old record must be known to move it.
         if self.regenerated_from is None and not self.new:
             self.regenerated_from = self._sid
         self._sid = self._store.new_id()
@@ -207,7 +276,7 @@ class ServerSideSession(SessionMixin):
         Binding the session to another user calls it (with
         :meth:`regenerate`): a new user's session is a new session.
         """
-        self.data  # noqa: B018 - the record to rewrite must be known.
+        self.content  # noqa: B018 - the record to rewrite must be known.
         self.new_created = time.time()
         self.modified = True
 
@@ -233,7 +302,7 @@ class ServerSideSession(SessionMixin):
         return self._stored_extra("handle")
 
     def _stored_extra(self, name: str) -> str | None:
-        self.data  # noqa: B018 - the binding is stored with the data.
+        self.content  # noqa: B018 - the binding is stored with the data.
         return None if self.stored is None else self.stored.meta.extra.get(name)
 
     def bind_user(self, user_id: str | int) -> None:
@@ -271,6 +340,7 @@ class ServerSideSession(SessionMixin):
         self.destroyed = True
         self._data = {}
         self._written.clear()
+        self._handed.clear()
         self.stored = None
         self.binding = None
         self.new = True
@@ -283,22 +353,27 @@ class ServerSideSession(SessionMixin):
     def changed_keys(self, serializer: Serializer) -> set[str]:
         """The top-level keys this request set, deleted or mutated in place.
 
-        Mutations inside nested values are found by comparing each key's
-        serialized form with the one loaded.
+        Mutations inside nested values are found by comparing each mutable
+        value handed out with its copy from then. If the whole dict was
+        handed out (:attr:`data`), each key's serialized form is compared
+        with the one loaded instead.
         """
-        data = self.data
+        data = self.content
         if self.stored is None:
             return set(data)
         changed = set(self._written)
+        if not self._exposed:
+            changed.update(
+                key for key in self._handed if key not in changed and self._differs(key, serializer)
+            )
+            return changed
         original = serializer.loads(self.stored.raw)
         for key in original.keys() | data.keys():
             if key in changed:
                 continue
             if key not in original or key not in data:
                 changed.add(key)
-            elif serializer.dumps({key: original[key]}) != serializer.dumps(
-                {key: data[key]}
-            ):
+            elif serializer.dumps({key: original[key]}) != serializer.dumps({key: data[key]}):
                 changed.add(key)
         return changed
 

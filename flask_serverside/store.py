@@ -14,6 +14,7 @@ from collections.abc import Callable
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from dataclasses import field
 
 from . import ids
 from . import record as records
@@ -101,29 +102,45 @@ class SessionStore:
     #: Another store whose sessions are taken over as their users come back;
     #: see :func:`flask_serverside.migrate.adopt_flask_session_files`.
     adopter: Adopter | None = None
+    _last_key: tuple[str, str] = field(default=("", ""), init=False, repr=False)
 
     def new_id(self) -> str:
         return ids.generate(self.id_bytes)
 
     def key(self, sid: str) -> str:
-        return ids.storage_key(self.prefix, sid)
+        # A request asks for its key up to three times (load, touch or
+        # write, index): the last one is kept rather than hashed again.
+        last = self._last_key
+        if last[0] == sid:
+            return last[1]
+        key = ids.storage_key(self.prefix, sid)
+        self._last_key = (sid, key)
+        return key
 
     @contextmanager
     def _guard(self, action: str) -> Iterator[None]:
         try:
             yield
         except self.backend.unavailable_errors as exc:
-            logger.error(
-                "Session store unavailable while %s (%s): %s",
-                action,
-                self.backend.describe(),
-                _error_text(exc),
-            )
-            raise BackendUnavailable() from exc
+            raise self._unavailable(action, exc) from exc
+
+    def _unavailable(self, action: str, exc: BaseException) -> BackendUnavailable:
+        """Log a store failure; the error to raise instead of it."""
+        logger.error(
+            "Session store unavailable while %s (%s): %s",
+            action,
+            self.backend.describe(),
+            _error_text(exc),
+        )
+        return BackendUnavailable()
 
     def _call(self, action: str, func: Callable[..., T], *args: t.Any) -> T:
-        with self._guard(action):
+        # Not through _guard: a generator context manager costs more than
+        # the rest of a request's store call around it.
+        try:
             return func(*args)
+        except self.backend.unavailable_errors as exc:
+            raise self._unavailable(action, exc) from exc
 
     def load(self, sid: str, renew: bool = False) -> Loaded | None:
         """Read a live session, or ``None`` if missing, expired or corrupt.
@@ -204,12 +221,12 @@ class SessionStore:
             return None
         return Loaded(data, raw, record.expires, meta, record.data)
 
-    def _encode(self, data: dict[str, t.Any]) -> bytes:
+    def encode(self, data: dict[str, t.Any]) -> bytes:
         raw = self.serializer.dumps(data)
-        self._check_size(raw)
+        self.check_size(raw)
         return raw
 
-    def _check_size(self, raw: bytes) -> None:
+    def check_size(self, raw: bytes) -> None:
         if len(raw) > self.max_bytes:
             raise SessionTooLarge(len(raw), self.max_bytes)
 
@@ -252,8 +269,10 @@ class SessionStore:
         :raises SessionTooLarge: The session is over ``max_bytes``; the stored
             record is as it was.
         """
-        with self._guard("saving"):
+        try:
             return saving.save(self, session, lifetime)
+        except self.backend.unavailable_errors as exc:
+            raise self._unavailable("saving", exc) from exc
 
     def moved(self, meta: records.Meta, new_key: str, expires: float) -> None:
         """Record that a session moved to a new storage key.
