@@ -9,7 +9,7 @@ from .interface import ServerSideSessionInterface
 from .session import ServerSideSession
 from .users import SessionInfo
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "BackendUnavailable",
