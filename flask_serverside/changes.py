@@ -1,6 +1,7 @@
-"""Finding what a request changed inside the session's values without
-encoding the session: a copy of each mutable value handed out, compared at
-save time the way a serializer would tell them apart.
+"""What a request changed in its session: :class:`Changes`, the one value
+the session hands to the store, and finding what changed inside the
+session's values without encoding the session: a copy of each mutable value
+handed out, compared at save time the way a serializer would tell them apart.
 
 .. versionadded:: 0.2
 """
@@ -8,14 +9,70 @@ save time the way a serializer would tell them apart.
 from __future__ import annotations
 
 import typing as t
+from collections.abc import Callable
+from dataclasses import dataclass
+from dataclasses import replace
 from datetime import datetime
 from uuid import UUID
 
 from markupsafe import Markup
 
+if t.TYPE_CHECKING:
+    from .record import Loaded
+    from .serializers import Serializer
+
+#: The key of the session's permanent flag in its data.
+PERMANENT = "_permanent"
+
 #: Types whose values cannot change in place: handing one out needs no
 #: snapshot. (A tuple is immutable if its items are.)
 LEAVES = frozenset({str, int, float, bool, type(None), bytes, Markup, datetime, UUID})
+
+
+def is_empty(data: t.Mapping[str, t.Any]) -> bool:
+    """Whether session data holds nothing but the permanent flag."""
+    return all(key == PERMANENT for key in data)
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What a request did to its session, as saving it needs to know:
+    the session builds it (:meth:`.ServerSideSession.changes`) and the store
+    saves from it, never reading the session itself.
+
+    .. versionadded:: 0.2
+    """
+
+    #: The data to store: the session's own dict, not a copy.
+    data: dict[str, t.Any]
+    #: What was loaded from the store, or ``None`` for a new session.
+    loaded: Loaded | None
+    #: The ID to store the data under; empty for a new session with nothing
+    #: to store, which gets no ID.
+    sid: str
+    #: The stored ID the session had before it was regenerated.
+    regenerated_from: str | None
+    #: The stored ID whose record a destroy removes.
+    destroyed_sid: str | None
+    #: The user binding (metadata ``extra``) made during the request.
+    binding: dict[str, str] | None
+    #: The creation time to store instead of the loaded one (Unix time).
+    new_created: float | None
+    #: Whether the data was cleared: the record is replaced, not merged into.
+    cleared: bool
+    #: When the data was read from the store (:func:`time.monotonic`).
+    loaded_at: float
+    #: Whether the data is known to be as loaded, found without encoding it.
+    unchanged: Callable[[], bool]
+    #: The top-level keys set, deleted or changed in place, found with the
+    #: given serializer only when a merge needs them.
+    changed_keys: Callable[[Serializer], set[str]]
+
+    def following(self, new_sid: str) -> Changes:
+        """These changes, for a session renewed to ``new_sid`` meanwhile."""
+        if self.regenerated_from is not None:
+            return replace(self, regenerated_from=new_sid)
+        return replace(self, sid=new_sid)
 
 
 class Unknown(Exception):

@@ -18,6 +18,7 @@ from . import ids
 from . import signals
 from .exceptions import BackendUnavailable
 from .saving import Outcome
+from .saving import Saved
 from .session import ServerSideSession
 
 if t.TYPE_CHECKING:
@@ -109,12 +110,15 @@ class ServerSideSessionInterface(SessionInterface):
         # Flask calls save_session again when this one raises; don't retry.
         session.save_attempted = True
         try:
-            outcome = self.store.save(session, app.permanent_session_lifetime.total_seconds())
+            lifetime = app.permanent_session_lifetime.total_seconds()
+            saved = self.store.save(session.changes(), lifetime)
         except BackendUnavailable as exc:
             _replace_response(response, exc)
             return
-        self._send_signals(app, session, outcome)
-        self._update_cookie(app, session, response, outcome)
+        if saved.renewed_to is not None:
+            session.follow_renewal(saved.renewed_to)
+        self._send_signals(app, session, saved)
+        self._update_cookie(app, session, response, saved.outcome)
 
     def _refresh_unloaded(
         self, app: Flask, session: ServerSideSession, response: Response
@@ -207,15 +211,15 @@ class ServerSideSessionInterface(SessionInterface):
     def _delete_cookie(self, app: Flask, response: Response) -> None:
         response.delete_cookie(self.get_cookie_name(app), **self._cookie_options(app))
 
-    def _send_signals(self, app: Flask, session: ServerSideSession, outcome: Outcome) -> None:
+    def _send_signals(self, app: Flask, session: ServerSideSession, saved: Saved) -> None:
         if session.renewal is not None:
             old_sid, sid = session.renewal
             signals.session_regenerated.send(app, old_sid=old_sid, sid=sid)
-        if session.destroyed_sid is not None and session.destroy_removed:
+        if session.destroyed_sid is not None and saved.destroy_removed:
             signals.session_destroyed.send(app, sid=session.destroyed_sid)
-        for handle in session.evicted:
+        for handle in saved.evicted:
             signals.session_revoked.send(app, handle=handle, user_id=session.user_id)
-        if outcome is not Outcome.CREATED:
+        if saved.outcome is not Outcome.CREATED:
             return
         if session.regenerated_from is not None:
             signals.session_regenerated.send(

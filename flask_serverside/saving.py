@@ -1,5 +1,7 @@
-"""Saving a session: what changed, and the one-step or locked write that
-stores it, merged with what other requests wrote meanwhile.
+"""Saving a session: from the :class:`~flask_serverside.changes.Changes`
+of a request, the one-step or locked write that stores them, merged with
+what other requests wrote meanwhile; what the save found comes back as a
+:class:`Saved`.
 
 .. versionadded:: 0.2
 """
@@ -10,16 +12,18 @@ import enum
 import logging
 import time
 import typing as t
+from dataclasses import dataclass
+from dataclasses import replace
 
 from . import record as records
 from . import renewal
 from . import users
+from .changes import Changes
+from .changes import is_empty
 from .record import Loaded
-from .session import is_empty
 
 if t.TYPE_CHECKING:
     from .backends.base import Record
-    from .session import ServerSideSession
     from .store import SessionStore
 
 logger = logging.getLogger("flask_serverside")
@@ -52,24 +56,46 @@ class Outcome(enum.Enum):
     DROPPED = "dropped"
 
 
-def save(store: SessionStore, session: ServerSideSession, lifetime: float) -> Outcome:
-    """Apply the session's changes to the store (inside its error guard)."""
-    if session.destroyed_sid is not None:
-        session.destroy_removed = _destroy(store, store.key(session.destroyed_sid))
-    user_id = _moving_user(store, session)
+@dataclass(frozen=True)
+class Saved:
+    """What saving a session did, and what it found out on the way.
+
+    .. versionadded:: 0.2
+    """
+
+    outcome: Outcome
+    #: Whether a destroyed session's record was found and removed.
+    destroy_removed: bool = False
+    #: The handles of sessions that binding this one ended
+    #: (``SESSION_MAX_PER_USER``).
+    evicted: tuple[str, ...] = ()
+    #: The ID the session was found renewed to while saving; the changes
+    #: went there, and so does the cookie.
+    renewed_to: str | None = None
+
+
+def save(store: SessionStore, changes: Changes, lifetime: float) -> Saved:
+    """Apply a request's changes to the store (inside its error guard)."""
+    removed = False
+    if changes.destroyed_sid is not None:
+        removed = _destroy(store, store.key(changes.destroyed_sid))
+    user_id = _moving_user(changes)
     if user_id is None:
-        outcome = _save(store, session, lifetime)
-        if outcome is Outcome.WRITTEN and session.stored is not None:
+        saved = _save(store, changes, lifetime)
+        if saved.outcome is Outcome.WRITTEN and changes.loaded is not None:
             # A write moves the expiry, as a touch does.
-            users.touched(store, session.stored.meta, time.time() + lifetime)
-        return outcome
+            users.touched(store, changes.loaded.meta, time.time() + lifetime)
+        return replace(saved, destroy_removed=removed)
     # The index's section first: no revoke runs between the record's
     # move and its index entry's.
     with users.section(store, user_id):
-        outcome = _save(store, session, lifetime)
-        if outcome is Outcome.CREATED:
-            _index(store, session, time.time() + lifetime)
-        return outcome
+        saved = _save(store, changes, lifetime)
+        evicted: tuple[str, ...] = ()
+        if saved.outcome is Outcome.CREATED:
+            if saved.renewed_to is not None:
+                changes = changes.following(saved.renewed_to)
+            evicted = _index(store, changes, time.time() + lifetime)
+        return replace(saved, destroy_removed=removed, evicted=evicted)
 
 
 def _destroy(store: SessionStore, key: str) -> bool:
@@ -84,55 +110,55 @@ def _destroy(store: SessionStore, key: str) -> bool:
     return removed
 
 
-def _moving_user(store: SessionStore, session: ServerSideSession) -> str | None:
+def _moving_user(changes: Changes) -> str | None:
     """The user whose index this save changes: the one being bound, or
     the one of a bound session moving to a new ID."""
-    if session.binding is not None:
-        return session.binding["user"]
-    if session.regenerated_from is None or session.stored is None:
+    if changes.binding is not None:
+        return changes.binding["user"]
+    if changes.regenerated_from is None or changes.loaded is None:
         return None
-    return session.stored.meta.user_id
+    return changes.loaded.meta.user_id
 
 
-def _index(store: SessionStore, session: ServerSideSession, expires: float) -> None:
-    key = store.key(session.sid)
-    if session.binding is None:
-        assert session.stored is not None
-        store.moved(session.stored.meta, key, expires)
-        return
-    meta = records.Meta(extra=session.binding)
-    session.evicted = users.bound(store, meta, key, expires, store.max_per_user)
+def _index(store: SessionStore, changes: Changes, expires: float) -> tuple[str, ...]:
+    """Index the session's new key; return the handles of the sessions
+    that binding it evicted."""
+    key = store.key(changes.sid)
+    if changes.binding is None:
+        assert changes.loaded is not None
+        store.moved(changes.loaded.meta, key, expires)
+        return ()
+    meta = records.Meta(extra=changes.binding)
+    return tuple(users.bound(store, meta, key, expires, store.max_per_user))
 
 
-def _save(store: SessionStore, session: ServerSideSession, lifetime: float) -> Outcome:
-    if session.stored is None:
-        return _create(store, session, lifetime)
-    if store.clocks is not None and renewal.ended(store, session, store.clocks):
-        return Outcome.DROPPED
-    same_record = session.regenerated_from is None and session.new_created is None
-    if same_record and session.unchanged():
+def _save(store: SessionStore, changes: Changes, lifetime: float) -> Saved:
+    if changes.loaded is None:
+        return Saved(_create(store, changes, lifetime))
+    if store.clocks is not None and renewal.ended(store, changes, store.clocks):
+        return Saved(Outcome.DROPPED)
+    same_record = changes.regenerated_from is None and changes.new_created is None
+    if same_record and changes.unchanged():
         # Nothing assigned and no handed-out value changed: no encoding.
-        return _touch(store, session, session.stored, lifetime)
-    raw = store.serializer.dumps(session.content)
-    if same_record and raw == session.stored.raw:
-        return _touch(store, session, session.stored, lifetime)
-    return _write(store, session, session.stored, raw, lifetime)
+        return Saved(_touch(store, changes, changes.loaded, lifetime))
+    raw = store.serializer.dumps(changes.data)
+    if same_record and raw == changes.loaded.raw:
+        return Saved(_touch(store, changes, changes.loaded, lifetime))
+    return _write(store, changes, changes.loaded, raw, lifetime)
 
 
-def _create(store: SessionStore, session: ServerSideSession, lifetime: float) -> Outcome:
-    if is_empty(session.content) and session.binding is None:
+def _create(store: SessionStore, changes: Changes, lifetime: float) -> Outcome:
+    if is_empty(changes.data) and changes.binding is None:
         return Outcome.NOTHING
-    raw = store.encode(session.content)
+    raw = store.encode(changes.data)
     now = time.time()
-    meta = records.Meta(created=now, issued=now, extra=session.binding or {})
+    meta = records.Meta(created=now, issued=now, extra=changes.binding or {})
     stored = records.pack(meta, raw)
-    store.backend.save(store.key(session.sid), stored, now + lifetime)
+    store.backend.save(store.key(changes.sid), stored, now + lifetime)
     return Outcome.CREATED
 
 
-def _touch(
-    store: SessionStore, session: ServerSideSession, stored: Loaded, lifetime: float
-) -> Outcome:
+def _touch(store: SessionStore, changes: Changes, stored: Loaded, lifetime: float) -> Outcome:
     """Extend an unmodified session's record when the touch interval is
     due, or when the request held its copy for over :data:`CONFIRM_AFTER`
     seconds; a record found gone (destroyed, regenerated or expired
@@ -142,41 +168,41 @@ def _touch(
         # Expired while this request ran: touching would bring it back.
         return Outcome.DROPPED
     due = now - (stored.expires - lifetime) >= min(store.touch_interval, lifetime / 2)
-    slow = time.monotonic() - session.loaded_at > CONFIRM_AFTER
+    slow = time.monotonic() - changes.loaded_at > CONFIRM_AFTER
     if due or slow:
-        if not store.backend.touch(store.key(session.sid), now + lifetime):
+        if not store.backend.touch(store.key(changes.sid), now + lifetime):
             return Outcome.DROPPED
         users.touched(store, stored.meta, now + lifetime)
     return Outcome.KEPT
 
 
 def _write(
-    store: SessionStore, session: ServerSideSession, stored: Loaded, raw: bytes, lifetime: float
-) -> Outcome:
+    store: SessionStore, changes: Changes, stored: Loaded, raw: bytes, lifetime: float
+) -> Saved:
     """Write the session, in one atomic step if nobody else wrote it since
     this request read it, else inside the exclusive section of its key.
 
     If another request wrote the record since this one read it, this
     request's changed keys are applied to the fresh record instead.
     """
-    if _replace(store, session, stored, raw, lifetime):
-        return Outcome.WRITTEN
-    sid = session.regenerated_from or session.sid
+    if _replace(store, changes, stored, raw, lifetime):
+        return Saved(Outcome.WRITTEN)
+    sid = changes.regenerated_from or changes.sid
     key = store.key(sid)
     with store.backend.lock(key):
         now = time.time()
         record = store.backend.load(key)
         moved = renewal.renewed_to(store, sid, record, now)
         if moved is None:
-            return _write_locked(store, session, stored, raw, lifetime, key, record, now)
+            return Saved(_write_locked(store, changes, stored, raw, lifetime, key, record, now))
     # Renewed since this request read it: the changes go to the new ID.
-    session.follow_renewal(moved)
-    return _write(store, session, stored, raw, lifetime)
+    saved = _write(store, changes.following(moved), stored, raw, lifetime)
+    return saved if saved.renewed_to is not None else replace(saved, renewed_to=moved)
 
 
 def _write_locked(
     store: SessionStore,
-    session: ServerSideSession,
+    changes: Changes,
     stored: Loaded,
     raw: bytes,
     lifetime: float,
@@ -186,46 +212,46 @@ def _write_locked(
 ) -> Outcome:
     """The part of :meth:`_write` inside the exclusive section of ``key``,
     whose ``record`` was read there."""
-    data, meta = session.content, stored.meta
+    data, meta = changes.data, stored.meta
     if record is None or record.expires <= now or record.data != stored.stored:
         current = store.decode(record, now)
-        merged = _merge(store, session, current)
+        merged = _merge(store, changes, current)
         if current is None or merged is None:
             return Outcome.DROPPED
         data, raw, meta = merged, store.serializer.dumps(merged), current.meta
-    if is_empty(data) and session.binding is None:
+    if is_empty(data) and changes.binding is None:
         store.backend.delete(key)
         return Outcome.EMPTIED
     store.check_size(raw)
-    meta = _restarted(session, meta)
-    if session.regenerated_from is None:
+    meta = _restarted(changes, meta)
+    if changes.regenerated_from is None:
         store.backend.save(key, records.pack(meta, raw), now + lifetime)
         return Outcome.WRITTEN
-    meta = records.Meta(meta.created, now, session.binding or meta.extra)
-    store.backend.save(store.key(session.sid), records.pack(meta, raw), now + lifetime)
+    meta = records.Meta(meta.created, now, changes.binding or meta.extra)
+    store.backend.save(store.key(changes.sid), records.pack(meta, raw), now + lifetime)
     store.backend.delete(key)
     return Outcome.CREATED
 
 
 def _replace(
-    store: SessionStore, session: ServerSideSession, stored: Loaded, raw: bytes, lifetime: float
+    store: SessionStore, changes: Changes, stored: Loaded, raw: bytes, lifetime: float
 ) -> bool:
     """The fast path of :meth:`_write` for a plain rewrite of a record.
 
     Regenerating, emptying and an oversized session take the locked path,
     which handles them.
     """
-    if session.regenerated_from is not None or is_empty(session.content):
+    if changes.regenerated_from is not None or is_empty(changes.data):
         return False
     if len(raw) > store.max_bytes:
         return False
-    key = store.key(session.sid)
-    data = records.pack(_restarted(session, stored.meta), raw)
+    key = store.key(changes.sid)
+    data = records.pack(_restarted(changes, stored.meta), raw)
     return store.backend.replace(key, stored.stored, data, time.time() + lifetime)
 
 
 def _merge(
-    store: SessionStore, session: ServerSideSession, current: Loaded | None
+    store: SessionStore, changes: Changes, current: Loaded | None
 ) -> dict[str, t.Any] | None:
     """This request's changes applied to a record another request wrote,
     or ``None`` if that request destroyed or regenerated the session."""
@@ -235,20 +261,20 @@ def _merge(
             " or another request destroyed or regenerated it, meanwhile."
         )
         return None
-    if session.cleared:
-        return dict(session.content)
+    if changes.cleared:
+        return dict(changes.data)
     merged = current.data
-    for key in session.changed_keys(store.serializer):
-        if key in session.content:
-            merged[key] = session.content[key]
+    for key in changes.changed_keys(store.serializer):
+        if key in changes.data:
+            merged[key] = changes.data[key]
         else:
             merged.pop(key, None)
     return merged
 
 
-def _restarted(session: ServerSideSession, meta: records.Meta) -> records.Meta:
+def _restarted(changes: Changes, meta: records.Meta) -> records.Meta:
     """The header to write: with a new creation time if the session's
     absolute lifetime was restarted (binding to another user)."""
-    if session.new_created is None:
+    if changes.new_created is None:
         return meta
-    return records.Meta(session.new_created, meta.issued, meta.extra)
+    return records.Meta(changes.new_created, meta.issued, meta.extra)

@@ -13,10 +13,13 @@ from flask import request
 from flask.sessions import SessionMixin
 
 from . import users
+from .changes import Changes
 from .changes import copy_value
 from .changes import Encoded
 from .changes import immutable
+from .changes import is_empty
 from .changes import LEAVES
+from .changes import PERMANENT
 from .changes import same
 from .changes import Unknown
 
@@ -25,7 +28,6 @@ if t.TYPE_CHECKING:
     from .serializers import Serializer
     from .store import SessionStore
 
-_PERMANENT = "_permanent"
 _MISSING: t.Any = object()
 
 
@@ -63,8 +65,6 @@ class ServerSideSession(SessionMixin):
         self.regenerated_from: str | None = None
         #: The stored ID whose record :meth:`destroy` removes.
         self.destroyed_sid: str | None = None
-        #: Whether saving found and removed the record of :attr:`destroyed_sid`.
-        self.destroy_removed = False
         #: When the data was read from the store (:func:`time.monotonic`).
         self.loaded_at = 0.0
         #: The ID from the cookie, when the session was found moved to a new
@@ -83,9 +83,6 @@ class ServerSideSession(SessionMixin):
         #: The metadata ``extra`` of a binding made by :meth:`bind_user`
         #: during this request, written at save time.
         self.binding: dict[str, str] | None = None
-        #: The handles of sessions that saving this one ended
-        #: (``SESSION_MAX_PER_USER``).
-        self.evicted: list[str] = []
 
     @property
     def sid(self) -> str:
@@ -108,10 +105,9 @@ class ServerSideSession(SessionMixin):
     def data(self) -> dict[str, t.Any]:
         """The session's data, loaded from the store on first use.
 
-        Changes made through this dict are found at save time by comparing
-        the whole session with the stored one; the mapping methods of the
-        session are cheaper, since they only compare the values they handed
-        out.
+        Changes made through it are found by comparing the whole session
+        with the stored one: the mapping methods, comparing only the values
+        they hand out, cost less.
         """
         self._exposed = True
         return self.content
@@ -234,6 +230,24 @@ class ServerSideSession(SessionMixin):
         serializer = self._store.serializer
         return not any(self._differs(key, serializer) for key in self._handed)
 
+    def changes(self) -> Changes:
+        """What this request did to the session, for the store to save."""
+        data = self.content
+        new_and_empty = self.stored is None and self.binding is None and is_empty(data)
+        return Changes(
+            data=data,
+            loaded=self.stored,
+            sid=self._sid or ("" if new_and_empty else self.sid),
+            regenerated_from=self.regenerated_from,
+            destroyed_sid=self.destroyed_sid,
+            binding=self.binding,
+            new_created=self.new_created,
+            cleared=self.cleared,
+            loaded_at=self.loaded_at,
+            unchanged=self.unchanged,
+            changed_keys=self.changed_keys,
+        )
+
     def __repr__(self) -> str:
         state = repr(self._data) if self._data is not None else "not loaded"
         return f"<{type(self).__name__} {state}>"
@@ -245,11 +259,11 @@ class ServerSideSession(SessionMixin):
         New sessions take ``SESSION_PERMANENT``. The server-side lifetime is
         ``PERMANENT_SESSION_LIFETIME`` either way.
         """
-        return bool(self.content.get(_PERMANENT, self._default_permanent))
+        return bool(self.content.get(PERMANENT, self._default_permanent))
 
     @permanent.setter
     def permanent(self, value: bool) -> None:
-        self[_PERMANENT] = bool(value)
+        self[PERMANENT] = bool(value)
 
     def clear(self) -> None:
         """Remove all data. The stored record is replaced, not merged into."""
@@ -383,8 +397,3 @@ def _device() -> tuple[str | None, str | None]:
     if not has_request_context():
         return None, None
     return request.remote_addr, request.user_agent.string or None
-
-
-def is_empty(data: t.Mapping[str, t.Any]) -> bool:
-    """Whether session data holds nothing but the permanent flag."""
-    return all(key == _PERMANENT for key in data)

@@ -24,14 +24,14 @@ from . import users
 from .exceptions import BackendUnavailable
 from .exceptions import SessionTooLarge
 from .record import Loaded
-from .saving import Outcome
+from .saving import Saved
 
 if t.TYPE_CHECKING:
     from .backends.base import Backend
     from .backends.base import Record
+    from .changes import Changes
     from .clocks import Clocks
     from .serializers import Serializer
-    from .session import ServerSideSession
 
 logger = logging.getLogger("flask_serverside")
 T = t.TypeVar("T")
@@ -260,17 +260,20 @@ class SessionStore:
         with self.backend.lock(key):
             return self.backend.delete(key)
 
-    def save(self, session: ServerSideSession, lifetime: float) -> Outcome:
-        """Apply the session's changes to the store.
+    def save(self, changes: Changes, lifetime: float) -> Saved:
+        """Apply a request's changes to the store.
 
+        :param changes: What the request did, from
+            :meth:`.ServerSideSession.changes`.
         :param lifetime: Seconds a written session lives.
+        :return: What the save did and found.
         :raises BackendUnavailable: The store could not be reached; the
             stored record is as it was.
         :raises SessionTooLarge: The session is over ``max_bytes``; the stored
             record is as it was.
         """
         try:
-            return saving.save(self, session, lifetime)
+            return saving.save(self, changes, lifetime)
         except self.backend.unavailable_errors as exc:
             raise self._unavailable("saving", exc) from exc
 

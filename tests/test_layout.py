@@ -91,3 +91,17 @@ def test_no_import_cycle() -> None:
 def test_module_is_at_most_400_lines(name: str) -> None:
     lines = MODULES[name].read_text().count("\n")
     assert lines <= 400, f"{name} has {lines} lines; split it by concern."
+
+
+@pytest.mark.parametrize("name", ["store", "saving", "renewal", "changes"])
+def test_the_save_path_never_imports_the_session(name: str) -> None:
+    """The session calls the store; the store works from the session's
+    :class:`~flask_serverside.changes.Changes` and never imports it, not
+    even for type checking."""
+    path = MODULES[f"flask_serverside.{name}"]
+    imported = {
+        node.module
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module
+    }
+    assert "session" not in imported, f"{name} imports the session module."
