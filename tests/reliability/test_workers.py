@@ -37,13 +37,6 @@ TIMEOUT = 20.0
 
 #: SQLite's busy handler sleeps in C: under gevent a request waiting for the
 #: database's write lock stops its whole worker, the holder included.
-SQLITE_UNDER_GEVENT = (
-    "SQLite waits for its write lock in C (sqlite3_busy_timeout), which gevent"
-    " cannot switch away from: a request waiting for a session lock on SQLite"
-    " stops every other request of its gevent worker, the lock's holder too,"
-    " until the busy timeout (10 s) fails the waiter. Use SQLite with"
-    " sync or gthread workers."
-)
 
 
 def _serve(
@@ -99,8 +92,6 @@ def test_lock_wait_does_not_block_the_worker(
     """A holds the lock of session S for HOLD seconds; B waits for it; C,
     on no session, is served meanwhile by the same (only) worker: it ends
     before A lets go, by the clock of the server."""
-    if name == "sqlite" and worker_class == "gevent":
-        request.applymarker(pytest.mark.xfail(reason=SQLITE_UNDER_GEVENT, strict=True))
     with _serve(request, tmp_path_factory, name, worker_class, 1) as served:
         seed = get(served.port, "/set/seed/1", timeout=TIMEOUT)
         assert seed.cookie is not None

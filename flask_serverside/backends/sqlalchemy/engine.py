@@ -8,6 +8,7 @@ import typing as t
 
 import sqlalchemy as sa
 
+from ..base import gevent_patched
 from . import schema
 
 #: Seconds to wait for a database server to accept a connection.
@@ -29,7 +30,11 @@ def create_engine(url: str) -> sa.Engine:
         engine = sa.create_engine(
             parsed,
             isolation_level="AUTOCOMMIT",
-            connect_args=_timeout(parsed, "timeout", schema.LOCK_TIMEOUT),
+            # Under gevent SQLite must not wait for its write lock in C,
+            # which would stop every greenlet: Connections polls instead.
+            connect_args=_timeout(
+                parsed, "timeout", 0 if gevent_patched() else schema.LOCK_TIMEOUT
+            ),
         )
         sa.event.listen(engine, "do_connect", _create_sqlite_file)
         sa.event.listen(engine, "connect", _configure_sqlite)

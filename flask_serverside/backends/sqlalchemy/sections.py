@@ -7,14 +7,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import threading
+import time
 import typing as t
 from contextlib import contextmanager
 
 import sqlalchemy as sa
 
+from ..base import gevent_patched
 from ..base import Record
 from ..base import utc_now
 from .engine import lock_isolation
+from .schema import LOCK_TIMEOUT
 from .schema import record
 from .schema import Statements
 from .schema import write_row
@@ -48,6 +51,9 @@ class Connections:
     def __init__(self, engine: sa.Engine, own_engine: bool) -> None:
         self.engine = engine
         self.own_engine = own_engine
+        #: Whether SQLite's write lock is waited for here, in Python, rather
+        #: than in C (see :func:`.engine.create_engine`): under gevent.
+        self.poll_busy = own_engine and engine.dialect.name == "sqlite" and gevent_patched()
         #: The section open in each thread.
         self.section = Section()
         #: The statements, set once the table is ready.
@@ -91,12 +97,28 @@ class Connections:
         start of a transaction).
         """
         try:
-            return func()
+            return self._polling(func) if self.poll_busy else func()
         except sa.exc.DBAPIError as exc:
             if not exc.connection_invalidated:
                 raise
 
         return func()
+
+    def _polling(self, func: t.Callable[[], R]) -> R:
+        """Call ``func`` until SQLite's write lock is free, for at most
+        :data:`.LOCK_TIMEOUT` seconds, sleeping in between with gevent's
+        :func:`time.sleep`, which lets the process's other requests run
+        (the lock's holder among them)."""
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        delay = 0.001
+        while True:
+            try:
+                return func()
+            except sa.exc.OperationalError as exc:
+                if "database is locked" not in str(exc.orig) or time.monotonic() > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
 
     @contextmanager
     def managed(self, key: str) -> t.Iterator[sa.Connection]:
