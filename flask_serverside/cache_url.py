@@ -17,6 +17,7 @@ from cachelib import RedisCache
 from cachelib import SimpleCache
 
 from .backends.base import import_optional
+from .backends.redis import LazyCluster
 
 #: Socket timeout, in seconds, of the clients :func:`cache_from_url` builds.
 SOCKET_TIMEOUT = 5.0
@@ -140,12 +141,18 @@ def _cluster_cache(url: str, rest: str) -> RedisCache:
     hosts, credentials = _hosts(url, "redis+cluster", netloc)
     redis = _import("redis", url)
     cluster = importlib.import_module("redis.cluster")
-    client = cluster.RedisCluster(
-        startup_nodes=[cluster.ClusterNode(host, port) for host, port in hosts],
-        retry=_one_retry(redis),
-        **_redis_options(**credentials),
-    )
-    return RedisCache(client)
+    options = _redis_options(**credentials)
+
+    def build() -> t.Any:
+        return cluster.RedisCluster(
+            startup_nodes=[cluster.ClusterNode(host, port) for host, port in hosts],
+            retry=_one_retry(redis),
+            **options,
+        )
+
+    # Built by its first command: init_app needs no running store.
+    nodes = [f"{host}:{port}" for host, port in hosts]
+    return RedisCache(LazyCluster(build, nodes, options))
 
 
 def _sentinel_cache(url: str, rest: str) -> RedisCache:

@@ -23,12 +23,15 @@ from redis.sentinel import SentinelConnectionPool
 from flask_serverside import cache_url
 from flask_serverside import ids
 from flask_serverside.backends.caches import LOCK_SUFFIX
+from flask_serverside.backends.redis import LazyCluster
 from flask_serverside.backends.redis import RedisBackend
 from flask_serverside.cache_url import cache_from_url
 from tests import test_backends as seam
 from tests import test_contract as contract
 from tests.conftest import build_app
 from tests.conftest import REDIS_DEPLOYMENTS
+from tests.servers import find_binary
+from tests.servers import redis_cluster as cluster_setup
 from tests.servers.redis_cluster import RedisCluster as ClusterSetup
 from tests.servers.redis_sentinel import RedisSentinel
 from tests.test_contract import client  # noqa: F401 (fixtures of the classes)
@@ -83,10 +86,15 @@ def test_bad_url(url: str) -> None:
 
 def test_cluster_url(redis_cluster_server: ClusterSetup) -> None:
     """A RedisCache around a RedisCluster, seeded with every host, with the
-    socket timeouts and the one retry of a ``redis://`` client."""
+    socket timeouts and the one retry of a ``redis://`` client, built by
+    its first command."""
     cache = cache_from_url(redis_cluster_server.url)
     assert isinstance(cache, RedisCache)
-    cluster = cache._write_client  # type: ignore[attr-defined]
+    lazy = cache._write_client  # type: ignore[attr-defined]
+    assert isinstance(lazy, LazyCluster)
+    assert lazy._client is None
+    assert lazy.startup_nodes == redis_cluster_server.url.removeprefix("redis+cluster://").split(",")
+    cluster = lazy.built()
     assert isinstance(cluster, RedisCluster)
     assert cluster.retry.get_retries() == 1
     node = cluster.get_primaries()[0]
@@ -220,3 +228,38 @@ def test_plain_redis_keeps_its_names(redis_server: t.Any, tmp_path: t.Any) -> No
     store = app.session_interface.store  # type: ignore[attr-defined]
     with redis.Redis.from_url(redis_server.url) as plain:
         assert plain.exists(store.key(sid)) == 1
+
+
+def test_app_starts_while_the_cluster_is_down(
+    redis_cluster_server: ClusterSetup, tmp_path: t.Any
+) -> None:
+    """``init_app`` needs no running store, on a cluster too: redis-py's
+    cluster client asks for the slot map when it is built, so the client is
+    built by the first command. Until a node answers, requests get 503 with
+    ``Retry-After`` (not a 500, not a crash at start-up); then they work
+    without a restart. (``redis_cluster_server`` only says redis-server is
+    installed: this test runs its own one-node cluster.)"""
+    port = cluster_setup.cluster_ports(1)[0]
+    url = f"redis+cluster://127.0.0.1:{port}"
+    config = {"SESSION_BACKEND": "cachelib", "SESSION_CACHELIB": url}
+    app = build_app(tmp_path, config, count=False)
+    browser = app.test_client()
+    for _ in range(2):  # a failed build is tried again by the next request
+        response = browser.get("/set/a/1")
+        assert response.status_code == 503
+        assert response.headers["Retry-After"] == "5"
+    binary = find_binary("redis-server", "/usr/sbin", "/usr/local/bin")
+    node = cluster_setup.ClusterNode(cluster_setup.launch_node(binary, tmp_path / "node", port))
+    try:
+        with node.client() as plain:
+            plain.execute_command("CLUSTER ADDSLOTSRANGE", 0, 16383)
+        deadline = time.monotonic() + cluster_setup.TIMEOUT
+        while node.info("CLUSTER INFO").get("cluster_state") != "ok":
+            assert time.monotonic() < deadline, "the one-node cluster is not ok"
+            time.sleep(0.05)
+        assert browser.get("/set/a/1").status_code == 200
+        assert browser.get("/get/a").json == "1"
+        with app.app_context():
+            assert app.extensions["serverside"].count() == 1
+    finally:
+        node.server.stop()

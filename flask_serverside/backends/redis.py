@@ -11,6 +11,7 @@ import hashlib
 import importlib
 import math
 import re
+import threading
 import time
 import typing as t
 
@@ -99,6 +100,8 @@ class RedisBackend(CacheBackend):
         self._replace_window = timeout / 2 if timeout else math.inf
 
     def describe(self) -> str:
+        if isinstance(self.client, LazyCluster):
+            return "redis cluster " + ",".join(self.client.startup_nodes)
         if self.cluster:
             nodes = getattr(self.client, "nodes_manager", None)
             return "redis cluster " + ",".join(getattr(nodes, "startup_nodes", {}))
@@ -218,6 +221,70 @@ class RedisBackend(CacheBackend):
         return sum(int(n) for n in pipe.execute())
 
 
+class LazyCluster:
+    """A Redis Cluster client that is built by its first command.
+
+    redis-py's :class:`~redis.cluster.RedisCluster` asks its startup nodes
+    for the slot map in its constructor and raises if none answers, so an
+    app that built one at start-up could not start while the cluster is
+    down. This stands in for it: every attribute is the built client's, and
+    a command while no node answers raises
+    :exc:`redis.exceptions.ConnectionError` (a 503), the next one tries to
+    build the client again.
+
+    :param build: Builds the client.
+    :param startup_nodes: The ``host:port`` of each startup node, to name
+        the cluster in messages before it is reached.
+    :param connection_kwargs: The options of the connections to each node.
+    """
+
+    def __init__(
+        self,
+        build: t.Callable[[], t.Any],
+        startup_nodes: list[str],
+        connection_kwargs: dict[str, t.Any],
+    ) -> None:
+        self._build = build
+        self._client: t.Any = None
+        self._lock = threading.Lock()
+        self.startup_nodes = startup_nodes
+        self.connection_kwargs = connection_kwargs
+
+    def built(self) -> t.Any:
+        """The cluster client, built now if it is not yet.
+
+        :raises redis.exceptions.ConnectionError: No startup node answers.
+        """
+        client = self._client
+        if client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = self._connect()
+                client = self._client
+        return client
+
+    def _connect(self) -> t.Any:
+        exceptions = importlib.import_module("redis.exceptions")
+        try:
+            return self._build()
+        except exceptions.RedisClusterException as exc:
+            # Raised when no startup node answers (there is no more precise
+            # class); the message says which node and why.
+            raise exceptions.ConnectionError(str(exc)) from exc
+
+    def register_script(self, script: str | bytes) -> t.Any:
+        """A script that is sent by its first call, as redis-py's are; the
+        text is encoded here so that registering contacts no node."""
+        commands = importlib.import_module("redis.commands.core")
+        return commands.Script(self, script.encode() if isinstance(script, str) else script)
+
+    def __getattr__(self, name: str) -> t.Any:
+        return getattr(self.built(), name)
+
+    def __repr__(self) -> str:
+        return f"<LazyCluster {','.join(self.startup_nodes)}>"
+
+
 def _ttl_ms(expires: float) -> int:
     return max(1, math.ceil((expires - time.time()) * 1000))
 
@@ -228,6 +295,8 @@ _DIGEST_AT_END = re.compile(rf"([0-9a-f]{{64}})((?:{re.escape(LOCK_SUFFIX)})?)\Z
 
 def _is_cluster(client: t.Any) -> bool:
     """Whether ``client`` is redis-py's or valkey-py's cluster client."""
+    if isinstance(client, LazyCluster):
+        return True
     for package, name in (("redis", "RedisCluster"), ("valkey", "ValkeyCluster")):
         try:
             cls = getattr(importlib.import_module(f"{package}.cluster"), name)
@@ -241,6 +310,8 @@ def _is_cluster(client: t.Any) -> bool:
 def _connection_options(client: t.Any) -> dict[str, t.Any]:
     """The options a client opens its connections with (on a cluster, the
     connections to each node)."""
+    if isinstance(client, LazyCluster):
+        return client.connection_kwargs
     for owner in ("connection_pool", "nodes_manager"):
         options = getattr(getattr(client, owner, None), "connection_kwargs", None)
         if isinstance(options, dict):

@@ -192,7 +192,7 @@ def start(tmp_dir: pathlib.Path) -> RedisCluster:
     cli = find_binary("redis-cli", "/usr/local/bin")
     nodes: list[ClusterNode] = []
     try:
-        for port in _cluster_ports(6):
+        for port in cluster_ports(6):
             nodes.append(ClusterNode(launch_node(binary, tmp_dir / f"node-{port}", port)))
         _create(cli, [node.port for node in nodes])
         seeds = ",".join(f"127.0.0.1:{node.port}" for node in nodes[:3])
@@ -242,7 +242,7 @@ def _create(cli: str, ports: list[int]) -> None:
         raise RuntimeError(f"redis-cli --cluster create failed:\n{result.stdout}{result.stderr}")
 
 
-def _cluster_ports(count: int) -> list[int]:
+def cluster_ports(count: int) -> list[int]:
     """``count`` free loopback ports whose cluster bus ports are free too."""
     ports: list[int] = []
     while len(ports) < count:
