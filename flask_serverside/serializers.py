@@ -22,6 +22,11 @@ class Serializer(t.Protocol):
     def loads(self, data: bytes) -> dict[str, t.Any]: ...
 
 
+#: Types that Flask's tagger hands to JSON as they are (not subclasses:
+#: ``Markup`` is a ``str``, an ``IntEnum`` an ``int``).
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
 class JSONSerializer:
     """Flask's tagged JSON: tuples, bytes, datetimes, UUIDs and
     :class:`~markupsafe.Markup` round-trip, as in Flask's cookie session.
@@ -39,7 +44,22 @@ class JSONSerializer:
         self._decoder = json.JSONDecoder(object_hook=self._tagger.untag)
 
     def dumps(self, data: dict[str, t.Any]) -> bytes:
-        return self._encoder.encode(self._tagger.tag(data)).encode()
+        return self._encoder.encode(self._tag(data)).encode()
+
+    def _tag(self, value: t.Any) -> t.Any:
+        """Flask's ``TaggedJSONSerializer.tag``, faster on the types JSON
+        holds as they are: Flask's tries each of its tags on every value,
+        this looks at the exact type first. Anything else (a subclass, a
+        tuple, bytes, a dict whose only key is a tag's) goes to Flask's, so
+        the result is always the same as Flask's."""
+        kind = type(value)
+        if kind in _PLAIN:
+            return value
+        if kind is list:
+            return [self._tag(item) for item in value]
+        if kind is dict and not (len(value) == 1 and next(iter(value)) in self._tagger.tags):
+            return {key: self._tag(item) for key, item in value.items()}
+        return self._tagger.tag(value)
 
     def loads(self, data: bytes) -> dict[str, t.Any]:
         # What json.loads does with bytes.
