@@ -42,7 +42,7 @@ from tests.servers import wait_for_port  # noqa: E402
 
 #: The request shapes: the path and the body every answer must have.
 SHAPES = {"read": ("/read", b"ada:42:3"), "write": ("/write", b"ok")}
-KINDS = ("cookie", "ours", "flask-session")
+SOCKET_ERRORS = r"Socket errors: connect (\d+), read \d+, write (\d+), timeout (\d+)"
 SQL_STORES = ("sqlite", "postgres", "postgres3")
 
 #: wrk's request function: one request after the other over the sessions'
@@ -214,7 +214,7 @@ class Load:
         if m := re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out):
             errors += int(m.group(1))
         # Read errors left out: gunicorn's sync workers close every connection.
-        if m := re.search(r"Socket errors: connect (\d+), read \d+, write (\d+), timeout (\d+)", out):
+        if m := re.search(SOCKET_ERRORS, out):
             errors += int(m.group(1)) + int(m.group(2)) + int(m.group(3))
         return rps, errors
 
