@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import pathlib
 import re
@@ -323,9 +324,10 @@ def spread(values: list[float]) -> str:
 def verdict(ratio: float | None, target: bool = True) -> str:
     if ratio is None:
         return f"{'-':>9}"
+    shown = math.floor(ratio * 100) / 100  # 0.996 FAIL shows as 0.99, not 1.00
     if not target:
-        return f"{ratio:>4.2f}     "
-    return f"{ratio:>4.2f} {'PASS' if ratio >= 1.0 else 'FAIL'}"
+        return f"{shown:>4.2f}     "
+    return f"{shown:>4.2f} {'PASS' if ratio >= 1.0 else 'FAIL'}"
 
 
 HEADER = (
