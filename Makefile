@@ -61,6 +61,7 @@ test-cachelib-lowest:
 bench: $(STAMP_DEMO)
 	$(BIN)/python -m pip install --quiet 'Flask-Session>=0.8,<0.9' flask-sqlalchemy msgspec redis pymemcache psycopg2-binary 'psycopg[binary]' gunicorn
 	$(BIN)/python benchmarks/run.py
+	@command -v wrk >/dev/null || echo "wrk is not installed: throughput.py uses its slower asyncio client (Debian: apt-get install wrk)"
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/scale.py
 

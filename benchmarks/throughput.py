@@ -1,12 +1,16 @@
-"""Requests per second under gunicorn: cookie vs ours vs Flask-Session.
+"""Requests per second under gunicorn: ours vs cookie vs Flask-Session, every store.
 
-Each variant is the bench app (``benchmarks/wsgi.py``) under gunicorn, 4 sync
-workers, on a free 127.0.0.1 port; all variants run at once and take turns
-being loaded, in rounds, by a bounded load generator on loopback: ``wrk``
-when it is installed (Debian: ``apt-get install wrk``), otherwise a small
-asyncio client. Every request reads the session (``GET /read`` with the
-cookie a first request set). The figure per variant is the median over the
-rounds.
+Each app is the bench app (``benchmarks/wsgi.py``) under gunicorn, 4 sync
+workers, on a free 127.0.0.1 port. The cookie app runs for the whole script;
+the stores are taken one after the other: the store's server is started
+(``tests/servers/``), then ours and Flask-Session on it, and the three apps
+take turns being loaded, in rounds, by a bounded load generator on
+loopback: ``wrk`` when it is installed (Debian: ``apt-get install wrk``),
+otherwise a small asyncio client. Two request shapes: ``read`` (``GET
+/read``: three keys) and ``write`` (``GET /write``: one key set), each with
+the cookie of one of several sessions a first request per connection
+created. The figure per app is the median over the rounds; the ratios are
+medians of the per-round ratios (the apps of a round ran back to back).
 
 Run it from the repository root: ``python benchmarks/throughput.py`` (``make
 bench`` runs it too).
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import pathlib
 import re
@@ -36,25 +41,39 @@ from benchmarks import apps  # noqa: E402
 from tests.servers import free_port  # noqa: E402
 from tests.servers import wait_for_port  # noqa: E402
 
-VARIANTS = [
-    ("cookie", None),
-    ("ours", "filesystem"),
-    ("flask-session", "filesystem"),
-    ("ours", "redis"),
-    ("flask-session", "redis"),
-]
-READ_BODY = b"ada:42:3"
+#: The request shapes: the path and the body every answer must have.
+SHAPES = {"read": ("/read", b"ada:42:3"), "write": ("/write", b"ok")}
+SOCKET_ERRORS = r"Socket errors: connect (\d+), read \d+, write (\d+), timeout (\d+)"
+SQL_STORES = ("sqlite", "postgres", "postgres3")
+
+#: wrk's request function: one request after the other over the sessions'
+#: cookies (wrk ... URL -- PATH COOKIE...).
+WRK_SCRIPT = """\
+local requests = {}
+local n = 0
+function init(args)
+  for i = 2, #args do
+    requests[#requests + 1] = wrk.format("GET", args[1], {Cookie = args[i]})
+  end
+end
+function request()
+  n = n % #requests + 1
+  return requests[n]
+end
+"""
 
 
 @dataclass
-class Variant:
+class App:
+    """One gunicorn server, and its figures per shape (one per round)."""
+
     kind: str
     store: str | None
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
-    cookie: str = ""
-    rps: list[float] = field(default_factory=list)
-    errors: int = 0
+    cookies: list[str] = field(default_factory=list)
+    rps: dict[str, list[float]] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -64,82 +83,179 @@ class Variant:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def record(self, shape: str, rps: float, errors: int) -> None:
+        self.rps.setdefault(shape, []).append(rps)
+        self.errors[shape] = self.errors.get(shape, 0) + errors
 
-def start(variant: Variant, tmp: pathlib.Path, redis_url: str | None, workers: int) -> None:
-    variant.port = free_port()
+
+@dataclass
+class Result:
+    """One store and shape: the three apps' figures in the same rounds."""
+
+    store: str
+    shape: str
+    cookie: list[float]
+    ours: list[float]
+    flask_session: list[float]
+    errors: int
+
+    def vs_cookie(self) -> float:
+        return statistics.median(o / c for o, c in zip(self.ours, self.cookie))
+
+    def vs_flask_session(self) -> float | None:
+        if not self.flask_session:
+            return None
+        return statistics.median(o / f for o, f in zip(self.ours, self.flask_session))
+
+
+def store_url(store: apps.Store) -> str:
+    """The URL the bench app gets in ``BENCH_URL`` (none for files)."""
+    return str(store.ours.get("SESSION_SQLALCHEMY_URL") or store.ours.get("SESSION_CACHELIB") or "")
+
+
+def launch(app: App, tmp: pathlib.Path, url: str, workers: int) -> None:
+    """Start gunicorn for ``app``; :func:`ready` waits for it."""
+    app.port = free_port()
     env = {
         **os.environ,
-        "BENCH_KIND": variant.kind,
-        "BENCH_STORE": variant.store or "filesystem",
-        "BENCH_TMP": str(tmp / (variant.store or "none")),
-        "BENCH_URL": redis_url or "",
+        "BENCH_KIND": app.kind,
+        "BENCH_STORE": app.store or "filesystem",
+        "BENCH_TMP": str(tmp),
+        "BENCH_URL": url,
         "PYTHONWARNINGS": "ignore::DeprecationWarning",
     }
-    variant.proc = subprocess.Popen(
+    app.proc = subprocess.Popen(
         [
             sys.executable, "-m", "gunicorn",
             "--workers", str(workers), "--worker-class", "sync",
-            "--bind", f"127.0.0.1:{variant.port}",
+            "--bind", f"127.0.0.1:{app.port}",
             "--chdir", str(apps.ROOT), "--log-level", "warning",
             "benchmarks.wsgi:app",
         ],
         env=env,
     )  # fmt: skip
-    wait_for_port(variant.port, variant.proc)
-    with urllib.request.urlopen(variant.url + "/login", timeout=10) as response:
-        cookie = response.headers["Set-Cookie"]
-    variant.cookie = cookie.split(";", 1)[0].split("=", 1)[1]
-    request = urllib.request.Request(
-        variant.url + "/read", headers={"Cookie": f"{apps.COOKIE_NAME}={variant.cookie}"}
-    )
-    for _ in range(3):  # every worker must read it, not only the one that wrote it
-        with urllib.request.urlopen(request, timeout=10) as response:
-            body = response.read()
-        if body != READ_BODY:
-            raise RuntimeError(f"{variant.label}: /read answered {body!r}")
 
 
-def stop(variant: Variant) -> None:
-    if variant.proc is not None and variant.proc.poll() is None:
-        variant.proc.terminate()
+def ready(app: App, sessions: int) -> None:
+    """Wait for ``app``, log ``sessions`` visitors in and check they read."""
+    assert app.proc is not None
+    wait_for_port(app.port, app.proc)
+    for _ in range(sessions):
+        with urllib.request.urlopen(app.url + "/login", timeout=30) as response:
+            cookie = response.headers["Set-Cookie"]
+        app.cookies.append(cookie.split(";", 1)[0])
+    check(app)
+
+
+def check(app: App) -> None:
+    """Every session of ``app`` still reads back."""
+    path, body = SHAPES["read"]
+    for cookie in app.cookies:  # several workers read what one of them wrote
+        request = urllib.request.Request(app.url + path, headers={"Cookie": cookie})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = response.read()
+        if answer != body:
+            raise RuntimeError(f"{app.label}: {path} answered {answer!r}, not {body!r}")
+
+
+def stop(app: App) -> None:
+    if app.proc is not None and app.proc.poll() is None:
+        app.proc.terminate()
         try:
-            variant.proc.wait(timeout=20)
+            app.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            variant.proc.kill()
-            variant.proc.wait()
+            app.proc.kill()
+            app.proc.wait()
 
 
-def run_wrk(variant: Variant, seconds: float, connections: int) -> tuple[float, int]:
-    result = subprocess.run(
-        [
-            "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
-            "-H", f"Cookie: {apps.COOKIE_NAME}={variant.cookie}",
-            variant.url + "/read",
-        ],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    out = result.stdout
-    rps = float(re.search(r"Requests/sec:\s*([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    errors = 0
-    if m := re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out):
-        errors += int(m.group(1))
-    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
-        errors += int(m.group(1)) + int(m.group(3)) + int(m.group(4))
-    return rps, errors
+def prepare(store: apps.Store, tmp: pathlib.Path) -> None:
+    """Create Flask-Session's table before its 4 workers start: each would
+    create it at start-up, and on PostgreSQL two concurrent ``CREATE TABLE``
+    fail. (Ours creates its table on first use and allows for the race.)"""
+    if store.name not in SQL_STORES:
+        return
+    app = apps.make_app("flask-session", store, tmp / "instance-prepare")
+    with app.app_context():
+        app.extensions["sqlalchemy"].engine.dispose()
 
 
-async def _client(host: str, port: int, request: bytes, deadline: float, counts: list[int]) -> None:
+class Load:
+    """The load generator: ``wrk`` if installed, else an asyncio client."""
+
+    def __init__(self, tmp: pathlib.Path, python: bool, seconds: float, connections: int) -> None:
+        self.wrk = None if python else shutil.which("wrk")
+        self.script = tmp / "sessions.lua"
+        self.script.write_text(WRK_SCRIPT)
+        self.seconds = seconds
+        self.connections = connections
+
+    @property
+    def name(self) -> str:
+        return "wrk -t1" if self.wrk else "asyncio client"
+
+    def run(self, app: App, shape: str, seconds: float | None = None) -> tuple[float, int]:
+        """Load ``app`` with ``shape``; return requests/s and errors."""
+        seconds = self.seconds if seconds is None else seconds
+        if self.wrk:
+            return self._wrk(app, shape, seconds)
+        return self._python(app, shape, seconds)
+
+    def _wrk(self, app: App, shape: str, seconds: float) -> tuple[float, int]:
+        path, _ = SHAPES[shape]
+        result = subprocess.run(
+            [
+                str(self.wrk), "-t1", f"-c{self.connections}", f"-d{max(1, round(seconds))}s",
+                "--timeout", "10s", "-s", str(self.script), app.url, "--", path, *app.cookies,
+            ],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        out = result.stdout
+        rps = float(re.search(r"Requests/sec:\s*([\d.]+)", out).group(1))  # type: ignore[union-attr]
+        errors = 0
+        if m := re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out):
+            errors += int(m.group(1))
+        # Read errors left out: gunicorn's sync workers close every connection.
+        if m := re.search(SOCKET_ERRORS, out):
+            errors += int(m.group(1)) + int(m.group(2)) + int(m.group(3))
+        return rps, errors
+
+    def _python(self, app: App, shape: str, seconds: float) -> tuple[float, int]:
+        path, body = SHAPES[shape]
+        counts = [0, 0]
+
+        async def main() -> None:
+            deadline = time.monotonic() + seconds
+            await asyncio.gather(
+                *(
+                    _client(app.port, _request(app, path, i), body, deadline, counts)
+                    for i in range(self.connections)
+                )
+            )
+
+        start = time.monotonic()
+        asyncio.run(main())
+        return counts[0] / (time.monotonic() - start), counts[1]
+
+
+def _request(app: App, path: str, i: int) -> bytes:
+    cookie = app.cookies[i % len(app.cookies)]
+    return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{app.port}\r\nCookie: {cookie}\r\n\r\n".encode()
+
+
+async def _client(
+    port: int, request: bytes, expected: bytes, deadline: float, counts: list[int]
+) -> None:
     reader = writer = None
     while time.monotonic() < deadline:
         try:
             if writer is None:
-                reader, writer = await asyncio.open_connection(host, port)
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
             assert reader is not None
             writer.write(request)
             head = await reader.readuntil(b"\r\n\r\n")
             length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))  # type: ignore[union-attr]
             body = await reader.readexactly(length)
-            ok = head.startswith(b"HTTP/1.1 200") and body == READ_BODY
+            ok = head.startswith(b"HTTP/1.1 200") and body == expected
             counts[0 if ok else 1] += 1
             if re.search(rb"(?i)connection:\s*close", head):
                 writer.close()
@@ -153,94 +269,153 @@ async def _client(host: str, port: int, request: bytes, deadline: float, counts:
         writer.close()
 
 
-def run_python(variant: Variant, seconds: float, connections: int) -> tuple[float, int]:
-    request = (
-        f"GET /read HTTP/1.1\r\nHost: 127.0.0.1:{variant.port}\r\n"
-        f"Cookie: {apps.COOKIE_NAME}={variant.cookie}\r\n\r\n"
-    ).encode()
-    counts = [0, 0]
-
-    async def main() -> None:
-        deadline = time.monotonic() + seconds
-        await asyncio.gather(
-            *(
-                _client("127.0.0.1", variant.port, request, deadline, counts)
-                for _ in range(connections)
+def bench_store(
+    store: apps.Store, tmp: pathlib.Path, cookie: App, load: Load, args: argparse.Namespace
+) -> list[Result]:
+    """Start ours and Flask-Session on ``store`` and run the rounds, the
+    cookie app taking its turn among them."""
+    prepare(store, tmp)
+    ours, theirs = App("ours", store.name), App("flask-session", store.name)
+    started = [ours, theirs]
+    try:
+        for app in started:
+            launch(app, tmp, store_url(store), args.workers)
+        for app in started:
+            ready(app, args.connections)
+        group = [cookie, ours, theirs]
+        for app in group[1:]:  # warm up every worker (the logins wrote)
+            load.run(app, "read", 1)
+        before = {shape: len(cookie.rps.get(shape, [])) for shape in SHAPES}
+        for round_ in range(args.rounds):
+            for shape in SHAPES:
+                shift = round_ % len(group)
+                for app in group[shift:] + group[:shift]:
+                    app.record(shape, *load.run(app, shape))
+            print(
+                f"  {store.label:<12} round {round_ + 1}: "
+                + "; ".join(
+                    f"{shape} " + " ".join(f"{a.rps[shape][-1]:.0f}" for a in group)
+                    for shape in SHAPES
+                ),
+                flush=True,
             )
+        for app in group:
+            check(app)
+    finally:
+        for app in started:
+            stop(app)
+    return [
+        Result(
+            store.name,
+            shape,
+            cookie.rps[shape][before[shape] :],
+            ours.rps[shape],
+            theirs.rps[shape],
+            ours.errors[shape] + theirs.errors[shape],
         )
+        for shape in SHAPES
+    ]
 
-    start = time.monotonic()
-    asyncio.run(main())
-    return counts[0] / (time.monotonic() - start), counts[1]
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):>6.0f} {min(values):>5.0f}-{max(values):<5.0f}"
+
+
+def verdict(ratio: float | None, target: bool = True) -> str:
+    if ratio is None:
+        return f"{'-':>9}"
+    shown = math.floor(ratio * 100) / 100  # 0.996 FAIL shows as 0.99, not 1.00
+    if not target:
+        return f"{shown:>4.2f}     "
+    return f"{shown:>4.2f} {'PASS' if ratio >= 1.0 else 'FAIL'}"
+
+
+HEADER = (
+    f"{'store':<12} {'shape':<5}  {'cookie':^17}  {'ours':^17}  {'flask-session':^17}"
+    f"  {'ours/cookie':<11}  {'ours/f-s':<9}  {'errors':>6}"
+)
+
+
+def report(results: list[Result], cookie: App, notes: list[str], load: Load) -> None:
+    print("\n" + "=" * len(HEADER))
+    print(
+        "req/s: median and min-max over the rounds; ratios: medians of the per-round"
+        " ratios.\nTargets (issue 16): ours/cookie >= 1.0 for read and write on every"
+        " store; ours/f-s >= 1.0 for read (write: no target)."
+    )
+    print(HEADER)
+    for r in results:
+        print(
+            f"{apps.LABELS[r.store]:<12} {r.shape:<5}  {spread(r.cookie)}  {spread(r.ours)}"
+            f"  {spread(r.flask_session)}  {verdict(r.vs_cookie()):<11}"
+            f"  {verdict(r.vs_flask_session(), r.shape == 'read'):<9}  {r.errors:>6}"
+        )
+    for shape in SHAPES:
+        if cookie.rps.get(shape):
+            print(
+                f"cookie, {shape}, all rounds: {spread(cookie.rps[shape]).strip()} req/s,"
+                f" {cookie.errors[shape]} errors"
+            )
+    for note in notes:
+        print(note)
+    targets = [r.vs_cookie() >= 1.0 for r in results]
+    targets += [(r.vs_flask_session() or 0) >= 1.0 for r in results if r.shape == "read"]
+    print(f"{sum(targets)} of {len(targets)} targets met (load: {load.name}).")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=2, help="one variant's turn (2)")
-    parser.add_argument("--rounds", type=int, default=6, help="turns per variant (6)")
-    parser.add_argument("--connections", type=int, default=8, help="concurrent connections (8)")
+    parser.add_argument(
+        "--stores", default=",".join(apps.BACKENDS), help="comma-separated subset of stores"
+    )
+    parser.add_argument("--seconds", type=float, default=1, help="one app's turn (1; wrk: >= 1)")
+    parser.add_argument("--rounds", type=int, default=4, help="turns per app and shape (4)")
+    parser.add_argument(
+        "--connections", type=int, default=8, help="concurrent connections, one session each (8)"
+    )
     parser.add_argument("--workers", type=int, default=4, help="gunicorn sync workers (4)")
     parser.add_argument("--python-client", action="store_true", help="do not use wrk")
     args = parser.parse_args()
+    stores = [name for name in args.stores.split(",") if name]
+    for name in stores:
+        if name not in apps.BACKENDS:
+            parser.error(f"unknown store {name!r} in --stores: pick from {','.join(apps.BACKENDS)}")
     apps.quiet()
-    use_wrk = shutil.which("wrk") is not None and not args.python_client
-    load = run_wrk if use_wrk else run_python
-    variants = [Variant(kind, store) for kind, store in VARIANTS]
-    notes = []
+    began = time.monotonic()
+    results: list[Result] = []
+    notes: list[str] = []
     with (
         tempfile.TemporaryDirectory(prefix="fss-throughput-") as name,
         contextlib.ExitStack() as stack,
     ):
         tmp = pathlib.Path(name)
-        redis = stack.enter_context(apps.started_store("redis", tmp / "redis"))
-        if isinstance(redis, str):
-            notes.append(f"Redis {redis}")
-            variants = [v for v in variants if v.store != "redis"]
-            redis_url = None
-        else:
-            assert redis.server is not None
-            redis_url = redis.server.url
-        for variant in variants:
-            stack.callback(stop, variant)
-            start(variant, tmp, redis_url, args.workers)
+        load = Load(tmp, args.python_client, args.seconds, args.connections)
+        cookie = App("cookie", None)
+        stack.callback(stop, cookie)
+        (tmp / "cookie").mkdir()
+        launch(cookie, tmp / "cookie", "", args.workers)
+        ready(cookie, args.connections)
+        load.run(cookie, "read", 1)
         print(
-            f"{len(variants)} gunicorn servers ({args.workers} sync workers each); load:"
-            f" {'wrk -t1' if use_wrk else 'asyncio client'}, {args.connections} connections,"
-            f" {args.rounds} rounds x {args.seconds:g} s per variant, GET /read",
+            f"gunicorn, {args.workers} sync workers per app; load: {load.name},"
+            f" {args.connections} connections (one session each), {args.rounds} rounds x"
+            f" {max(1, round(args.seconds)) if load.wrk else args.seconds:g} s per app and shape;"
+            " per round: req/s of cookie, ours, flask-session",
             flush=True,
         )
-        for variant in variants:  # warm up every worker
-            load(variant, 1, args.connections)
-        for round_ in range(args.rounds):
-            shift = round_ % len(variants)
-            for variant in variants[shift:] + variants[:shift]:
-                rps, errors = load(variant, args.seconds, args.connections)
-                variant.rps.append(rps)
-                variant.errors += errors
-            print(
-                f"  round {round_ + 1}: "
-                + ", ".join(f"{v.label} {v.rps[-1]:.0f}" for v in variants),
-                flush=True,
-            )
-
-    by_label = {v.label: statistics.median(v.rps) for v in variants}
-    cookie = by_label["cookie"]
-    print("\n" + "=" * 78)
-    print(f"{'variant':<30} {'req/s (median)':>15} {'min-max':>12} {'vs cookie':>10} {'errors':>7}")
-    for variant in variants:
-        rps = by_label[variant.label]
-        spread = f"{min(variant.rps):.0f}-{max(variant.rps):.0f}"
-        print(
-            f"{variant.label:<30} {rps:>15.0f} {spread:>12} {rps / cookie:>10.2f}"
-            f" {variant.errors:>7}"
-        )
-    for store in ("filesystem", "redis"):
-        ours = by_label.get(f"ours, {apps.LABELS[store]}")
-        theirs = by_label.get(f"flask-session, {apps.LABELS[store]}")
-        if ours and theirs:
-            print(f"{apps.LABELS[store]}: ours / flask-session throughput = {ours / theirs:.2f}x")
-    for note in notes:
-        print(note)
+        for store_name in stores:
+            with apps.started_store(store_name, tmp / store_name) as store:
+                if isinstance(store, str):
+                    notes.append(f"{apps.LABELS[store_name]} {store}")
+                    print(f"  {apps.LABELS[store_name]:<12} {store}", flush=True)
+                    continue
+                try:
+                    results += bench_store(store, tmp / store_name, cookie, load, args)
+                except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+                    notes.append(f"{apps.LABELS[store_name]} failed: {exc!r}")
+                    print(f"  {apps.LABELS[store_name]:<12} failed: {exc!r}", flush=True)
+    report(results, cookie, notes, load)
+    print(f"{time.monotonic() - began:.0f} s.")
 
 
 if __name__ == "__main__":

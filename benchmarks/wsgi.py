@@ -1,9 +1,12 @@
 """The bench app for gunicorn (``benchmarks/throughput.py`` starts it).
 
 Configured by environment variables: ``BENCH_KIND`` (``cookie``, ``ours`` or
-``flask-session``), ``BENCH_STORE`` (``filesystem`` or ``redis``),
-``BENCH_TMP`` (a directory for files and the app's instance folder) and
-``BENCH_URL`` (the server's URL, for Redis).
+``flask-session``), ``BENCH_STORE`` (one of :data:`benchmarks.apps.BACKENDS`:
+``filesystem``, ``sqlite``, ``postgres``, ``postgres3``, ``redis``,
+``memcached``), ``BENCH_TMP`` (a directory for files, the SQLite database
+and the app's instance folder) and ``BENCH_URL`` (the store's URL for the
+servers: SQLAlchemy's, ``postgresql+psycopg://`` for psycopg 3, or
+``redis://`` / ``memcached://``; empty for files and SQLite).
 """
 
 from __future__ import annotations
