@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import math
 import os
 import pathlib
@@ -90,17 +91,26 @@ class App:
 
 @dataclass
 class Result:
-    """One store and shape: the three apps' figures in the same rounds."""
+    """One store and shape: the apps' figures in the same rounds."""
 
     store: str
     shape: str
     cookie: list[float]
+    floor: list[float]
     ours: list[float]
     flask_session: list[float]
     errors: int
 
     def vs_cookie(self) -> float:
         return statistics.median(o / c for o, c in zip(self.ours, self.cookie))
+
+    def floor_vs_cookie(self) -> float:
+        """The bound of :meth:`vs_cookie`: what bare Flask plus the store's
+        minimum work serves, per request the cookie session serves."""
+        return statistics.median(f / c for f, c in zip(self.floor, self.cookie))
+
+    def vs_floor(self) -> float:
+        return statistics.median(o / f for o, f in zip(self.ours, self.floor))
 
     def vs_flask_session(self) -> float | None:
         if not self.flask_session:
@@ -137,10 +147,11 @@ def launch(app: App, tmp: pathlib.Path, url: str, workers: int) -> None:
 
 
 def ready(app: App, sessions: int) -> None:
-    """Wait for ``app``, log ``sessions`` visitors in and check they read."""
+    """Wait for ``app``, log ``sessions`` visitors in and check they read
+    (the floor's visitors' cookies and records are set by :func:`prepare`)."""
     assert app.proc is not None
     wait_for_port(app.port, app.proc)
-    for _ in range(sessions):
+    for _ in range(sessions if app.kind != "floor" else 0):
         with urllib.request.urlopen(app.url + "/login", timeout=30) as response:
             cookie = response.headers["Set-Cookie"]
         app.cookies.append(cookie.split(";", 1)[0])
@@ -168,10 +179,18 @@ def stop(app: App) -> None:
             app.proc.wait()
 
 
-def prepare(store: apps.Store, tmp: pathlib.Path) -> None:
-    """Create Flask-Session's table before its 4 workers start: each would
-    create it at start-up, and on PostgreSQL two concurrent ``CREATE TABLE``
-    fail. (Ours creates its table on first use and allows for the race.)"""
+def prepare(store: apps.Store, tmp: pathlib.Path, floor: App, sessions: int) -> None:
+    """Write the floor's records, one per visitor, and give the floor app
+    their cookies; create Flask-Session's table before its 4 workers start:
+    each would create it at start-up, and on PostgreSQL two concurrent
+    ``CREATE TABLE`` fail. (Ours creates its table on first use and allows
+    for the race.)"""
+    assert store.floor is not None
+    records = store.floor()
+    data = json.dumps({**apps.CONTENT, "_permanent": True}).encode()
+    for i in range(sessions):
+        records.setup(f"floor-v{i}", data)
+        floor.cookies.append(f"{apps.COOKIE_NAME}=v{i}")
     if store.name not in SQL_STORES:
         return
     app = apps.make_app("flask-session", store, tmp / "instance-prepare")
@@ -274,15 +293,16 @@ def bench_store(
 ) -> list[Result]:
     """Start ours and Flask-Session on ``store`` and run the rounds, the
     cookie app taking its turn among them."""
-    prepare(store, tmp)
+    floor = App("floor", store.name)
     ours, theirs = App("ours", store.name), App("flask-session", store.name)
-    started = [ours, theirs]
+    prepare(store, tmp, floor, args.connections)
+    started = [floor, ours, theirs]
     try:
         for app in started:
             launch(app, tmp, store_url(store), args.workers)
         for app in started:
             ready(app, args.connections)
-        group = [cookie, ours, theirs]
+        group = [cookie, floor, ours, theirs]
         for app in group[1:]:  # warm up every worker (the logins wrote)
             load.run(app, "read", 1)
         before = {shape: len(cookie.rps.get(shape, [])) for shape in SHAPES}
@@ -309,9 +329,10 @@ def bench_store(
             store.name,
             shape,
             cookie.rps[shape][before[shape] :],
+            floor.rps[shape],
             ours.rps[shape],
             theirs.rps[shape],
-            ours.errors[shape] + theirs.errors[shape],
+            floor.errors[shape] + ours.errors[shape] + theirs.errors[shape],
         )
         for shape in SHAPES
     ]
@@ -331,8 +352,9 @@ def verdict(ratio: float | None, target: bool = True) -> str:
 
 
 HEADER = (
-    f"{'store':<12} {'shape':<5}  {'cookie':^17}  {'ours':^17}  {'flask-session':^17}"
-    f"  {'ours/cookie':<11}  {'ours/f-s':<9}  {'errors':>6}"
+    f"{'store':<12} {'shape':<5}  {'cookie':^17}  {'floor':^17}  {'ours':^17}"
+    f"  {'flask-session':^17}  {'ours/cookie':<11}  {'floor/cookie':<12}  {'ours/floor':<10}"
+    f"  {'ours/f-s':<9}  {'errors':>6}"
 )
 
 
@@ -341,13 +363,16 @@ def report(results: list[Result], cookie: App, notes: list[str], load: Load) -> 
     print(
         "req/s: median and min-max over the rounds; ratios: medians of the per-round"
         " ratios.\nTargets (issue 16): ours/cookie >= 1.0 for read and write on every"
-        " store; ours/f-s >= 1.0 for read (write: no target)."
+        " store; ours/f-s >= 1.0 for read (write: no target).\nfloor: bare Flask plus"
+        " the store's minimum I/O; floor/cookie below 1.0 bounds ours/cookie (no session"
+        " layer on that store can serve more than its floor)."
     )
     print(HEADER)
     for r in results:
         print(
-            f"{apps.LABELS[r.store]:<12} {r.shape:<5}  {spread(r.cookie)}  {spread(r.ours)}"
-            f"  {spread(r.flask_session)}  {verdict(r.vs_cookie()):<11}"
+            f"{apps.LABELS[r.store]:<12} {r.shape:<5}  {spread(r.cookie)}  {spread(r.floor)}"
+            f"  {spread(r.ours)}  {spread(r.flask_session)}  {verdict(r.vs_cookie()):<11}"
+            f"  {verdict(r.floor_vs_cookie(), False):<12}  {verdict(r.vs_floor(), False):<10}"
             f"  {verdict(r.vs_flask_session(), r.shape == 'read'):<9}  {r.errors:>6}"
         )
     for shape in SHAPES:
@@ -400,7 +425,7 @@ def main() -> None:
             f"gunicorn, {args.workers} sync workers per app; load: {load.name},"
             f" {args.connections} connections (one session each), {args.rounds} rounds x"
             f" {max(1, round(args.seconds)) if load.wrk else args.seconds:g} s per app and shape;"
-            " per round: req/s of cookie, ours, flask-session",
+            " per round: req/s of cookie, floor, ours, flask-session",
             flush=True,
         )
         for store_name in stores:

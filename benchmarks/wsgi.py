@@ -1,7 +1,8 @@
 """The bench app for gunicorn (``benchmarks/throughput.py`` starts it).
 
-Configured by environment variables: ``BENCH_KIND`` (``cookie``, ``ours`` or
-``flask-session``), ``BENCH_STORE`` (one of :data:`benchmarks.apps.BACKENDS`:
+Configured by environment variables: ``BENCH_KIND`` (``cookie``, ``ours``,
+``flask-session`` or ``floor``: :class:`SessionFloor`), ``BENCH_STORE``
+(one of :data:`benchmarks.apps.BACKENDS`:
 ``filesystem``, ``sqlite``, ``postgres``, ``postgres3``, ``redis``,
 ``memcached``), ``BENCH_TMP`` (a directory for files, the SQLite database
 and the app's instance folder) and ``BENCH_URL`` (the store's URL for the
@@ -13,12 +14,47 @@ from __future__ import annotations
 
 import os
 import pathlib
+import typing as t
+
+from flask import Flask
+from flask import Request
+from flask import request
+from flask import Response
 
 from benchmarks import apps
+
+
+class SessionFloor(apps.FloorInterface):
+    """The floor under gunicorn: bare plus the store's minimum work on the
+    record of the request's own cookie (``session=<name>``; the record is
+    ``floor-<name>``, written by ``throughput.py`` before the workers
+    start), so that concurrent writes go to different records, as ours'."""
+
+    def __init__(self, floor: apps.Floor) -> None:
+        self.floor = floor
+
+    def open_session(self, app: Flask, request: Request) -> t.Any:
+        if request.path in apps.READ_PATHS:
+            key = "floor-" + request.cookies.get(apps.COOKIE_NAME, "")
+            raw = self.floor.read(key)
+            if request.path in apps.WRITE_PATHS:
+                request.environ["bench.floor"] = (key, raw)
+        return apps.BareSession(apps.CONTENT)
+
+    def save_session(self, app: Flask, session: t.Any, response: Response) -> None:
+        found = t.cast("tuple[str, bytes] | None", request.environ.get("bench.floor"))
+        if found is not None:
+            self.floor.write(*found)
+
 
 apps.quiet()
 _tmp = pathlib.Path(os.environ["BENCH_TMP"])
 _store = apps.configure_store(
     os.environ.get("BENCH_STORE", "filesystem"), _tmp, os.environ.get("BENCH_URL") or None
 )
-app = apps.make_app(os.environ["BENCH_KIND"], _store, _tmp / f"instance-{os.environ['BENCH_KIND']}")
+_kind = os.environ["BENCH_KIND"]
+if _kind == "floor":
+    assert _store.floor is not None
+    app = apps.bare_app(_tmp / "instance-floor", SessionFloor(_store.floor()))
+else:
+    app = apps.make_app(_kind, _store, _tmp / f"instance-{_kind}")
