@@ -23,7 +23,7 @@ from ..base import INDEX_TAG
 from ..base import Record
 from ..base import utc_datetime
 from ..base import utc_now
-from .driver import Driver
+from .driver import make_driver
 from .engine import create_engine
 from .engine import reject_memory_database
 from .schema import make_table
@@ -113,7 +113,7 @@ class SQLAlchemyBackend(Backend):
         self._ready_lock = threading.Lock()
         #: The engine's connections; it is ours if built from ``url``.
         self._connections = Connections(self.engine, own_engine=url is not None)
-        self._driver = Driver(self.engine)
+        self._driver = make_driver(self.engine, self._connections.poll_busy)
 
     def describe(self) -> str:
         return f"sqlalchemy {self.engine.url.render_as_string(hide_password=True)}"

@@ -128,8 +128,8 @@ class Statements:
         #: :attr:`select` and :attr:`replace` as driver SQL, to run on a
         #: pooled driver connection without SQLAlchemy's execution layer
         #: (``None``: run them through SQLAlchemy).
-        self.driver_select: DriverStatement | None = None
-        self.driver_replace: DriverStatement | None = None
+        self.driver_select: DriverStatement | SQLiteStatement | None = None
+        self.driver_replace: DriverStatement | SQLiteStatement | None = None
 
         if own_engine and self.lock_kind == "database":
             self.begin = "BEGIN IMMEDIATE"
@@ -161,6 +161,11 @@ class Statements:
             self.driver_replace = DriverStatement.build(
                 "replace", self.replace, dialect, positional
             )
+        elif own_engine and dialect.name == "sqlite":
+            # On SQLite, SQLAlchemy's execution layer costs several times
+            # the statement itself.
+            self.driver_select = SQLiteStatement.build(self.select, dialect)
+            self.driver_replace = SQLiteStatement.build(self.replace, dialect)
 
 
 @dataclass(frozen=True)
@@ -191,6 +196,50 @@ class DriverStatement:
             execute=f"EXECUTE {name}({args})",
             plain=str(stmt.compile(dialect=dialect)),
         )
+
+
+@dataclass(frozen=True)
+class SQLiteStatement:
+    """A statement every request runs, as SQLite SQL with its parameters'
+    and columns' conversions, which SQLAlchemy would apply: the same text
+    for a datetime as the rows SQLAlchemy writes."""
+
+    sql: str
+    #: The parameters in their order, each with its conversion (or none).
+    params: tuple[tuple[str, t.Callable[[t.Any], t.Any] | None], ...]
+    #: The conversion of each column of a row (or none).
+    columns: tuple[t.Callable[[t.Any], t.Any] | None, ...]
+
+    @classmethod
+    def build(cls, stmt: sa.Select[t.Any] | sa.Update, dialect: sa.Dialect) -> SQLiteStatement:
+        compiled = stmt.compile(dialect=dialect)
+        params = tuple(
+            (name, compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect))
+            for name in compiled.positiontup or ()
+        )
+        selected = stmt.selected_columns if isinstance(stmt, sa.Select) else ()
+        columns = tuple(
+            column.type.dialect_impl(dialect).result_processor(dialect, None)
+            for column in selected
+        )
+        return cls(sql=str(compiled), params=params, columns=columns)
+
+    def args(self, values: dict[str, t.Any]) -> list[t.Any]:
+        """The positional parameters, from their values by name."""
+        return [
+            values[name] if convert is None else convert(values[name])
+            for name, convert in self.params
+        ]
+
+    def row(self, row: t.Any) -> t.Any:
+        """A row as SQLAlchemy would return it (or ``None``)."""
+        if row is None or not self.columns:
+            return row
+
+        return [
+            value if convert is None else convert(value)
+            for convert, value in zip(self.columns, row)
+        ]
 
 
 def statement_name(what: str, sql: str) -> str:
