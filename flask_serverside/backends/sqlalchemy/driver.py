@@ -147,11 +147,13 @@ class Driver:
         try:
             cursor = self._cursor(conn)
             cursor.execute(sql, params)
-            # psycopg 3 starts at the result of PREPARE, psycopg2 keeps only
-            # the last one.
-            while self._psycopg3 and cursor.nextset():
+            # With PREPARE, psycopg 3 starts at the result of PREPARE,
+            # psycopg2 keeps only the last one.
+            several = sql is not statement.execute and sql is not statement.plain
+            while self._psycopg3 and several and cursor.nextset():
                 pass
-            result = cursor.fetchone() if cursor.description else cursor.rowcount
+            # Not ``cursor.description``, which psycopg 3 builds each time.
+            result = cursor.fetchone() if statement.query else cursor.rowcount
             if self._client_cursor is None:  # psycopg 3's is kept
                 cursor.close()
             prepared.add(statement.name)

@@ -180,6 +180,8 @@ class DriverStatement:
     prepare: str
     execute: str
     plain: str
+    #: Whether it returns a row (else: its row count).
+    query: bool
 
     @classmethod
     def build(
@@ -195,6 +197,7 @@ class DriverStatement:
             prepare=f"PREPARE {name} AS {body}",
             execute=f"EXECUTE {name}({args})",
             plain=str(stmt.compile(dialect=dialect)),
+            query=isinstance(stmt, sa.Select),
         )
 
 
