@@ -716,9 +716,15 @@ def test_sqlite_reads_and_replaces_on_the_driver_connection(
     assert backend.replace("session:a", b"x", b"z", expires + 2) is False
     assert backend.replace("session:old", b"x", b"z", expires + 2) is False
     assert backend.load("session:a") == (b"y", pytest.approx(expires + 1, abs=1e-6))
-
     assert executed == []
-    assert [s.split()[0] for s in sent] == ["SELECT"] * 2 + ["UPDATE"] * 3 + ["SELECT"]
+
+    # The text of the expiry written there is SQLAlchemy's.
+    with backend.engine.connect() as conn:
+        column = backend.table.c.expires
+        written = conn.scalar(sa.select(column).where(backend.table.c.id == "session:a"))
+        assert conn.scalar(sa.select(sa.func.count()).where(column > utc_datetime(expires))) == 1
+    assert written == utc_datetime(expires + 1).replace(tzinfo=None)
+    assert [s.split()[0] for s in sent[:6]] == ["SELECT"] * 2 + ["UPDATE"] * 3 + ["SELECT"]
 
 
 @pytest.mark.parametrize("gevent", [False, True], ids=["busy handler", "polled"])
