@@ -23,8 +23,10 @@ from flask import Flask
 
 from flask_serverside.backends import sqlalchemy as sql_module
 from flask_serverside.backends.base import utc_datetime
+from flask_serverside.backends.sqlalchemy import engine as sql_engine
 from flask_serverside.backends.sqlalchemy import make_table
 from flask_serverside.backends.sqlalchemy import schema as sql_schema
+from flask_serverside.backends.sqlalchemy import sections as sql_sections
 from flask_serverside.backends.sqlalchemy import SQLAlchemyBackend
 from tests.conftest import start_server
 from tests.servers import free_port
@@ -601,9 +603,9 @@ def record_statements(engine: sa.Engine) -> list[str]:
 
     if engine.dialect.name == "sqlite":
 
-        @sa.event.listens_for(engine, "before_cursor_execute")
-        def before(*args: t.Any) -> None:
-            statements.append(args[2])
+        @sa.event.listens_for(engine, "connect")
+        def trace(dbapi_connection: t.Any, record: t.Any) -> None:
+            dbapi_connection.set_trace_callback(statements.append)
 
     else:
         import psycopg2.extensions
@@ -617,8 +619,7 @@ def record_statements(engine: sa.Engine) -> list[str]:
         def connect(dbapi_connection: t.Any, record: t.Any) -> None:
             dbapi_connection.cursor_factory = Recording
 
-        engine.dispose()
-
+    engine.dispose()
     return statements
 
 
@@ -687,6 +688,95 @@ def test_round_trips(url: str, make_backend: t.Callable[..., SQLAlchemyBackend])
         assert statements[1] == "BEGIN IMMEDIATE"
 
     assert backend.load("session:a") == (b"y", pytest.approx(later(), abs=5))
+
+
+def test_sqlite_reads_and_replaces_on_the_driver_connection(
+    tmp_path: pathlib.Path, make_backend: t.Callable[..., SQLAlchemyBackend]
+) -> None:
+    """On SQLite, as on PostgreSQL, a read and a replace run on a pooled
+    driver connection, without SQLAlchemy's execution layer: one SELECT
+    and one UPDATE, which check the expiry and the expected data in SQL,
+    and agree with the rows SQLAlchemy writes to the microsecond."""
+    backend = make_backend(url=sqlite_url(tmp_path))
+    expires = round(later(), 6)
+    backend.save("session:a", b"x", expires)
+    backend.save("session:old", b"x", time.time() - 1)
+    sent = record_statements(backend.engine)
+    executed: list[str] = []
+    sa.event.listen(
+        backend.engine, "before_cursor_execute", lambda *args: executed.append(args[2])
+    )
+    backend.count(time.time())  # a new connection's set-up statements
+    sent.clear()
+    executed.clear()
+
+    assert backend.load("session:a") == (b"x", pytest.approx(expires, abs=1e-6))
+    assert backend.load("session:old") is None
+    assert backend.replace("session:a", b"x", b"y", expires + 1) is True
+    assert backend.replace("session:a", b"x", b"z", expires + 2) is False
+    assert backend.replace("session:old", b"x", b"z", expires + 2) is False
+    assert backend.load("session:a") == (b"y", pytest.approx(expires + 1, abs=1e-6))
+    assert executed == []
+
+    # The text of the expiry written there is SQLAlchemy's.
+    with backend.engine.connect() as conn:
+        column = backend.table.c.expires
+        written = conn.scalar(sa.select(column).where(backend.table.c.id == "session:a"))
+        assert conn.scalar(sa.select(sa.func.count()).where(column > utc_datetime(expires))) == 1
+    assert written == utc_datetime(expires + 1).replace(tzinfo=None)
+    assert [s.split()[0] for s in sent[:6]] == ["SELECT"] * 2 + ["UPDATE"] * 3 + ["SELECT"]
+
+
+@pytest.mark.parametrize("gevent", [False, True], ids=["busy handler", "polled"])
+def test_sqlite_replace_waits_for_the_write_lock(
+    gevent: bool,
+    tmp_path: pathlib.Path,
+    make_backend: t.Callable[..., SQLAlchemyBackend],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A replace waits while a section holds SQLite's write lock, in
+    SQLite's busy handler or (under gevent) in Python, then runs; after the
+    lock's timeout it fails with one of the backend's unavailable errors,
+    which the extension answers with a 503."""
+    monkeypatch.setattr(sql_engine, "gevent_patched", lambda: gevent)
+    monkeypatch.setattr(sql_sections, "gevent_patched", lambda: gevent)
+    backend = make_backend(url=sqlite_url(tmp_path))
+    backend.save(KEY_A, b"x", later())
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold(seconds: float) -> None:
+        with backend.lock(KEY_B):
+            backend.save(KEY_B, b"b", later())
+            held.set()
+            if seconds:
+                time.sleep(seconds)
+            else:
+                release.wait(20)
+
+    thread = threading.Thread(target=hold, args=(0.3,))
+    thread.start()
+    try:
+        assert held.wait(10)
+        assert backend.replace(KEY_A, b"x", b"y", later()) is True
+    finally:
+        thread.join()
+
+    monkeypatch.setattr(sql_sections, "LOCK_TIMEOUT", 0.2)
+    impatient = make_backend(url=sqlite_url(tmp_path) + ("" if gevent else "?timeout=0.2"))
+    impatient.table = backend.table
+    held.clear()
+    thread = threading.Thread(target=hold, args=(0,))
+    thread.start()
+    try:
+        assert held.wait(10)
+        with pytest.raises(backend.unavailable_errors, match="database is locked"):
+            impatient.replace(KEY_A, b"y", b"z", later())
+    finally:
+        release.set()
+        thread.join()
+
+    assert backend.load(KEY_A) == (b"y", pytest.approx(later(), abs=5))
 
 
 def test_prepared_statements_lost_by_a_pooler(

@@ -6,8 +6,8 @@ back the application's work.
 
 The package has one module per concern: :mod:`.schema` (the table and its
 statements), :mod:`.engine` (the engine built from a URL, SQLite's set-up),
-:mod:`.sections` (transactions and locks), :mod:`.driver` (the
-PostgreSQL fast path).
+:mod:`.sections` (transactions and locks), :mod:`.driver` (the fast
+path of PostgreSQL and SQLite).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ..base import INDEX_TAG
 from ..base import Record
 from ..base import utc_datetime
 from ..base import utc_now
-from .driver import Driver
+from .driver import make_driver
 from .engine import create_engine
 from .engine import reject_memory_database
 from .schema import make_table
@@ -67,7 +67,8 @@ class SQLAlchemyBackend(Backend):
     once a pooler loses one); with psycopg2, locking, re-reading and saving
     a record take two. On SQLite it uses WAL mode (readers never
     wait for a writer) with ``synchronous=NORMAL``, and creates the
-    database file with mode 0o600.
+    database file with mode 0o600; a read and a :meth:`replace` run on
+    the driver's connection directly there too.
     An engine passed in is used as configured: every statement outside
     :meth:`lock` runs in a transaction of its own.
 
@@ -113,7 +114,7 @@ class SQLAlchemyBackend(Backend):
         self._ready_lock = threading.Lock()
         #: The engine's connections; it is ours if built from ``url``.
         self._connections = Connections(self.engine, own_engine=url is not None)
-        self._driver = Driver(self.engine)
+        self._driver = make_driver(self.engine, self._connections.poll_busy)
 
     def describe(self) -> str:
         return f"sqlalchemy {self.engine.url.render_as_string(hide_password=True)}"

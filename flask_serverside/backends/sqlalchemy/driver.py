@@ -1,5 +1,6 @@
-"""The PostgreSQL fast path (psycopg2 and psycopg 3): a read or a replace
-on a pooled driver connection, without SQLAlchemy's execution layer."""
+"""The fast path of the statements every request runs (a read, a
+replace), on a pooled driver connection without SQLAlchemy's execution
+layer: for PostgreSQL (psycopg2 and psycopg 3) and SQLite."""
 
 from __future__ import annotations
 
@@ -7,12 +8,82 @@ import typing as t
 
 import sqlalchemy as sa
 
-if t.TYPE_CHECKING:
-    from .schema import DriverStatement
+from .schema import DriverStatement
+from .schema import SQLiteStatement
 
 #: SQLSTATEs of a prepared statement that does not exist (invalid SQL
 #: statement name) or exists already (duplicate prepared statement).
 _LOST_PREPARED = {"26000", "42P05"}
+
+
+def make_driver(engine: sa.Engine, poll_busy: bool) -> Driver | SQLiteDriver:
+    """The fast path of ``engine``'s database.
+
+    :param poll_busy: Whether SQLite's write lock is waited for in Python
+        (see :attr:`.Connections.poll_busy`).
+    """
+    if engine.dialect.name == "sqlite":
+        return SQLiteDriver(engine, poll_busy)
+
+    return Driver(engine)
+
+
+class SQLiteDriver:
+    """Runs prebuilt statements on the engine's sqlite3 connections.
+
+    :param engine: The backend's engine, on SQLite.
+    :param poll_busy: Whether a statement that finds the database locked is
+        left to the caller, which waits for the lock in Python.
+    """
+
+    def __init__(self, engine: sa.Engine, poll_busy: bool) -> None:
+        self.engine = engine
+        self._poll_busy = poll_busy
+
+    def run(
+        self, statement: DriverStatement | SQLiteStatement, params: dict[str, t.Any]
+    ) -> tuple[bool, t.Any]:
+        """Run one statement on a pooled connection in autocommit mode:
+        ``(True, row)`` for a query, ``(True, rowcount)`` otherwise.
+
+        ``(False, None)`` if the connection turned out to be closed, or the
+        database locked while the caller waits for it in Python: the caller
+        runs the statement again through SQLAlchemy (a failed statement on
+        its own had no effect). SQLite waits for a lock itself otherwise.
+        Other errors are raised as the SQLAlchemy errors they would be on
+        ``engine.connect()``.
+        """
+        assert isinstance(statement, SQLiteStatement)
+        dialect = self.engine.dialect
+        dbapi_error = dialect.loaded_dbapi.Error
+
+        try:
+            conn = self.engine.raw_connection()
+        except dbapi_error as exc:  # the pool raises the driver's own errors
+            raise sa.exc.DBAPIError.instance(None, None, exc, dbapi_error, dialect=dialect) from exc
+
+        args = statement.args(params)
+
+        try:
+            cursor = conn.driver_connection.execute(statement.sql, args)  # type: ignore[union-attr]
+            result = statement.row(cursor.fetchone()) if statement.columns else cursor.rowcount
+            cursor.close()
+        except dbapi_error as exc:
+            if self._poll_busy and "database is locked" in str(exc):
+                return False, None
+
+            if dialect.is_disconnect(exc, conn.dbapi_connection, None):
+                conn.invalidate(exc)
+                return False, None
+
+            error = sa.exc.DBAPIError.instance(
+                statement.sql, args, exc, dbapi_error, dialect=dialect
+            )
+            raise error from exc
+        finally:
+            conn.close()
+
+        return True, result
 
 
 class Driver:
@@ -41,7 +112,7 @@ class Driver:
             self._client_cursor = psycopg.ClientCursor
 
     def run(
-        self, statement: DriverStatement, params: dict[str, t.Any]
+        self, statement: DriverStatement | SQLiteStatement, params: dict[str, t.Any]
     ) -> tuple[bool, t.Any]:
         """Run one statement on a pooled driver connection in autocommit
         mode: ``(True, row)`` for a query, ``(True, rowcount)`` otherwise.
@@ -61,6 +132,7 @@ class Driver:
         ``engine.connect()``, and so are errors of the pool's checkout (the
         database is down).
         """
+        assert isinstance(statement, DriverStatement)
         dialect = self.engine.dialect
         dbapi_error = dialect.loaded_dbapi.Error
 
@@ -75,11 +147,13 @@ class Driver:
         try:
             cursor = self._cursor(conn)
             cursor.execute(sql, params)
-            # psycopg 3 starts at the result of PREPARE, psycopg2 keeps only
-            # the last one.
-            while self._psycopg3 and cursor.nextset():
+            # With PREPARE, psycopg 3 starts at the result of PREPARE,
+            # psycopg2 keeps only the last one.
+            several = sql is not statement.execute and sql is not statement.plain
+            while self._psycopg3 and several and cursor.nextset():
                 pass
-            result = cursor.fetchone() if cursor.description else cursor.rowcount
+            # Not ``cursor.description``, which psycopg 3 builds each time.
+            result = cursor.fetchone() if statement.query else cursor.rowcount
             if self._client_cursor is None:  # psycopg 3's is kept
                 cursor.close()
             prepared.add(statement.name)

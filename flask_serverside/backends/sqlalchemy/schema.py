@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import typing as t
 from dataclasses import dataclass
+from datetime import datetime
+from datetime import timezone
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
@@ -128,8 +130,8 @@ class Statements:
         #: :attr:`select` and :attr:`replace` as driver SQL, to run on a
         #: pooled driver connection without SQLAlchemy's execution layer
         #: (``None``: run them through SQLAlchemy).
-        self.driver_select: DriverStatement | None = None
-        self.driver_replace: DriverStatement | None = None
+        self.driver_select: DriverStatement | SQLiteStatement | None = None
+        self.driver_replace: DriverStatement | SQLiteStatement | None = None
 
         if own_engine and self.lock_kind == "database":
             self.begin = "BEGIN IMMEDIATE"
@@ -161,6 +163,11 @@ class Statements:
             self.driver_replace = DriverStatement.build(
                 "replace", self.replace, dialect, positional
             )
+        elif own_engine and dialect.name == "sqlite":
+            # On SQLite, SQLAlchemy's execution layer costs several times
+            # the statement itself.
+            self.driver_select = SQLiteStatement.build(self.select, dialect)
+            self.driver_replace = SQLiteStatement.build(self.replace, dialect)
 
 
 @dataclass(frozen=True)
@@ -175,6 +182,8 @@ class DriverStatement:
     prepare: str
     execute: str
     plain: str
+    #: Whether it returns a row (else: its row count).
+    query: bool
 
     @classmethod
     def build(
@@ -190,7 +199,81 @@ class DriverStatement:
             prepare=f"PREPARE {name} AS {body}",
             execute=f"EXECUTE {name}({args})",
             plain=str(stmt.compile(dialect=dialect)),
+            query=isinstance(stmt, sa.Select),
         )
+
+
+@dataclass(frozen=True)
+class SQLiteStatement:
+    """A statement every request runs, as SQLite SQL with its parameters'
+    and columns' conversions, which SQLAlchemy would apply: the same text
+    for a datetime as the rows SQLAlchemy writes."""
+
+    sql: str
+    #: The parameters in their order, each with its conversion (or none).
+    params: tuple[tuple[str, t.Callable[[t.Any], t.Any] | None], ...]
+    #: The conversion of each column of a row (or none).
+    columns: tuple[t.Callable[[t.Any], t.Any] | None, ...]
+
+    @classmethod
+    def build(cls, stmt: sa.Select[t.Any] | sa.Update, dialect: sa.Dialect) -> SQLiteStatement:
+        compiled = stmt.compile(dialect=dialect)
+        params = tuple(
+            (name, sqlite_bind(compiled.binds[name].type, dialect))
+            for name in compiled.positiontup or ()
+        )
+        selected = stmt.selected_columns if isinstance(stmt, sa.Select) else ()
+        columns = tuple(
+            column.type.dialect_impl(dialect).result_processor(dialect, None)
+            for column in selected
+        )
+        return cls(sql=str(compiled), params=params, columns=columns)
+
+    def args(self, values: dict[str, t.Any]) -> list[t.Any]:
+        """The positional parameters, from their values by name."""
+        return [
+            values[name] if convert is None else convert(values[name])
+            for name, convert in self.params
+        ]
+
+    def row(self, row: t.Any) -> t.Any:
+        """A row as SQLAlchemy would return it (or ``None``)."""
+        if row is None or not self.columns:
+            return row
+
+        return [
+            value if convert is None else convert(value)
+            for convert, value in zip(self.columns, row)
+        ]
+
+
+def sqlite_bind(
+    type_: sa.types.TypeEngine[t.Any], dialect: sa.Dialect
+) -> t.Callable[[t.Any], t.Any] | None:
+    """SQLAlchemy's conversion of a parameter of ``type_`` for SQLite, or
+    a cheaper one that gives the same: bytes bind as a BLOB as they are,
+    and a datetime's text is its ISO form without the zone, which is
+    SQLAlchemy's (checked here on a few datetimes)."""
+    convert = type_.dialect_impl(dialect).bind_processor(dialect)
+
+    if isinstance(type_, sa.LargeBinary):
+        return None
+
+    if convert is not None and isinstance(type_, sa.DateTime):
+        samples = [
+            datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
+            datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc),
+            datetime(1, 1, 1, 0, 0, 0, 1),
+        ]
+        if all(convert(sample) == _iso_text(sample) for sample in samples):
+            return _iso_text
+
+    return convert
+
+
+def _iso_text(value: datetime) -> str:
+    """``YYYY-MM-DD HH:MM:SS.ffffff``, the zone left out."""
+    return value.isoformat(" ", "microseconds")[:26]
 
 
 def statement_name(what: str, sql: str) -> str:
