@@ -28,6 +28,7 @@ MIN_CAPACITY = 512
 #: 8 KB (a session of up to 4 KB). Of a bigger file, a load then reads only
 #: the other slot's header and the newest slot's data.
 FIRST_READ = HEADER.size + 2 * (SLOT.size + 8192)
+_ZERO_BLOCKS = (bytes(4096), bytes(64))
 
 
 class Slot(t.NamedTuple):
@@ -70,7 +71,7 @@ def read_whole(fd: int) -> bytes:
     raw = os.read(fd, FIRST_READ)
     if len(raw) < FIRST_READ:
         return raw
-    return raw + os.pread(fd, max(os.fstat(fd).st_size - len(raw), 0), len(raw))
+    return os.pread(fd, os.fstat(fd).st_size, 0)
 
 
 def newest(fd: int, raw: bytes) -> tuple[int, Slot] | None:
@@ -132,7 +133,14 @@ def write_then_wipe(fd: int, raw: bytes, new: bytes, capacity: int, newest: int)
 
 def _used(raw: bytes, start: int, capacity: int) -> int:
     """How many bytes of the slot at ``start`` are not zero, up to the last."""
-    return len(raw[start : start + SLOT.size + capacity].rstrip(b"\0"))
+    end = min(start + SLOT.size + capacity, len(raw))
+    # Most of a big slot is zeros: skip them by blocks (a compare each),
+    # then bytes (a strip scans its bytes one call at a time).
+    for zeros in _ZERO_BLOCKS:
+        size = len(zeros)
+        while end - size >= start and raw[end - size : end] == zeros:
+            end -= size
+    return len(raw[start:end].rstrip(b"\0")) if end > start else 0
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

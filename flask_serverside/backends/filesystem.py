@@ -10,7 +10,6 @@ import time
 import typing as t
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from contextlib import contextmanager
 from urllib.parse import quote
 
 from . import filefmt
@@ -185,18 +184,16 @@ class FileSystemBackend(Backend):
     def lock(self, key: str) -> AbstractContextManager[None]:
         return self._lock_shard(self._shard(key))
 
-    @contextmanager
-    def _flock_shard(self, shard: str) -> Iterator[None]:
-        fd = self._open_lock(os.path.join(shard, _LOCK_NAME))
-        try:
-            # flock, unlike lockf, also excludes threads of one process, as
-            # each call opens its own file description.
-            flock_exclusive(fd)
-            yield
-        finally:
-            os.close(fd)
+    def _flock_shard(self, shard: str) -> _Flock:
+        return _Flock(self._open_lock, os.path.join(shard, _LOCK_NAME))
 
     def _open_lock(self, path: str) -> int:
+        # Without O_CREAT, the common case, the kernel does not lock the
+        # directory to look the name up.
+        try:
+            return os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            pass
         try:
             return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         except FileNotFoundError:
@@ -252,6 +249,35 @@ class FileSystemBackend(Backend):
         for entry in _scan(self.directory):
             if entry.is_dir(follow_symlinks=False) and len(entry.name) == 2:
                 yield entry.path
+
+
+class _Flock:
+    """An exclusive :func:`fcntl.flock` on a shard's lock file while in
+    the ``with`` block.
+
+    flock, unlike lockf, also excludes threads of one process, as each
+    entry opens its own file description. (A class, not a generator: every
+    write enters it.)
+    """
+
+    __slots__ = ("_open", "_path", "_fd")
+
+    def __init__(self, open_lock: t.Callable[[str], int], path: str) -> None:
+        self._open = open_lock
+        self._path = path
+        self._fd = -1
+
+    def __enter__(self) -> None:
+        fd = self._open(self._path)
+        try:
+            flock_exclusive(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def __exit__(self, *exc_info: object) -> None:
+        os.close(self._fd)
 
 
 @functools.lru_cache(maxsize=32)
