@@ -19,15 +19,16 @@ import zlib
 MAGIC = b"FSSESS2\n"
 HEADER = struct.Struct(">8sI4x")
 SLOT = struct.Struct(">QdII")
-#: How many bytes at the start of a slot its CRC-32 covers (with the data):
-#: the generation, expiry and length.
-_COVERED = struct.calcsize(">QdI")
+#: The part of a slot's header that its CRC-32 covers, with the data: the
+#: generation, expiry and length.
+_SLOT_HEAD = struct.Struct(">QdI")
 #: The smallest slot; a slot holds twice the data it was sized for.
 MIN_CAPACITY = 512
 #: What a read takes at first: the whole file of a record whose slots hold
 #: 8 KB (a session of up to 4 KB). Of a bigger file, a load then reads only
 #: the other slot's header and the newest slot's data.
 FIRST_READ = HEADER.size + 2 * (SLOT.size + 8192)
+#: What :func:`_used` compares the end of a slot with, big blocks first.
 _ZERO_BLOCKS = (bytes(4096), bytes(64))
 
 
@@ -57,7 +58,7 @@ def _capacity_for(size: int) -> int:
 
 def slot(generation: int, data: bytes, expires: float) -> bytes:
     """The bytes of a slot holding ``data``."""
-    head = struct.pack(">QdI", generation, expires, len(data))
+    head = _SLOT_HEAD.pack(generation, expires, len(data))
     return head + zlib.crc32(data, zlib.crc32(head)).to_bytes(4, "big") + data
 
 
@@ -98,7 +99,7 @@ def newest(fd: int, raw: bytes) -> tuple[int, Slot] | None:
         heads.reverse()
     for (generation, expires, length, crc), index, start, head in heads:
         data = _span(fd, raw, size, start + SLOT.size, length) if length <= capacity else None
-        if data is not None and zlib.crc32(data, zlib.crc32(head[:_COVERED])) == crc:
+        if data is not None and zlib.crc32(data, zlib.crc32(head[: _SLOT_HEAD.size])) == crc:
             return capacity, Slot(generation, index, data, expires)
     return None
 
@@ -124,6 +125,7 @@ def write_then_wipe(fd: int, raw: bytes, new: bytes, capacity: int, newest: int)
     crash before it leaves both versions, during it the new one.
 
     :param raw: The whole file, as read under the shard's lock.
+    :param newest: The position of the newest slot, 0 or 1.
     """
     target = slot_offset(1 - newest, capacity)
     _pwrite_all(fd, new.ljust(_used(raw, target, capacity), b"\0"), target)

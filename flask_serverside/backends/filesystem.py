@@ -132,8 +132,9 @@ class FileSystemBackend(Backend):
         the file. The lock is what a :meth:`lock` section holds, so a
         replace waits for the section, then finds what it wrote.
 
-        ``False`` if the data outgrows the record's slots: the caller's
-        locked save moves it to a bigger file.
+        ``False`` if the record is missing, expired or changed, or if the
+        data outgrows its slots (the caller's locked save then moves it to
+        a bigger file).
         """
         with self._lock_shard(self._shard(key)):
             path = self._path(key)
