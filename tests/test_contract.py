@@ -44,6 +44,7 @@ MALFORMED_COOKIES = [
 #: The stores whose :meth:`.Backend.replace` writes: a plain rewrite of a
 #: session there is one atomic step, without a lock.
 ONE_STEP_WRITES = {
+    "filesystem",
     "sqlite",
     "postgres",
     "redis",

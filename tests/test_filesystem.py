@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import sys
 import threading
 import time
 import typing as t
@@ -14,6 +15,7 @@ from flask import Flask
 from flask import session
 
 from flask_serverside import ids
+from flask_serverside.backends import filefmt
 from flask_serverside.backends.filesystem import FileSystemBackend
 from flask_serverside.backends.filesystem import STALE_TMP_SECONDS
 from tests.conftest import build_app
@@ -271,18 +273,16 @@ def test_torn_write_leaves_the_previous_version(
     checksum: readers get the previous version, and the next write goes on
     from it. With both slots broken, the session is missing and the next
     write starts a new file."""
-    from flask_serverside.backends import filesystem
-
     backend = FileSystemBackend(tmp_path)
     key = slot_key(6)
     backend.save(key, b"first", time.time() + 60)
     (path,) = record_files(str(tmp_path))
     with open(path, "rb") as f:
-        capacity = filesystem._HEADER.unpack_from(f.read())[1]
+        capacity = filefmt.HEADER.unpack_from(f.read())[1]
     # The next save, cut short: half of its data reached the disk.
-    torn = filesystem._slot(2, b"second", time.time() + 60).replace(b"second", b"SEC")
+    torn = filefmt.slot(2, b"second", time.time() + 60).replace(b"second", b"SEC")
     with open(path, "r+b") as f:
-        f.seek(filesystem._slot_offset(1, capacity))
+        f.seek(filefmt.slot_offset(1, capacity))
         f.write(torn)
     assert backend.load(key).data == b"first"  # type: ignore[union-attr]
     backend.save(key, b"third", time.time() + 60)
@@ -373,15 +373,17 @@ def test_a_popped_secret_is_not_left_in_the_file(app: Flask, tmp_path: t.Any) ->
     assert b"reset-6f1c0ffee" not in raw_record(tmp_path / "sessions")
 
 
-def test_no_earlier_version_remains_in_either_slot(tmp_path: t.Any) -> None:
+@pytest.mark.parametrize("pad", [10, 20000])
+def test_no_earlier_version_remains_in_either_slot(tmp_path: t.Any, pad: int) -> None:
     """Neither the previous version nor the tail of an older, longer one
-    survives a save or a touch."""
+    survives a save or a touch, in small slots as in big ones (mostly
+    zeros, which a write skips by blocks)."""
     backend = FileSystemBackend(tmp_path)
     key = slot_key(9)
-    backend.save(key, b"a" * 10 + b"SECRET-ONE", time.time() + 60)
+    backend.save(key, b"a" * pad + b"SECRET-ONE", time.time() + 60)
     backend.save(key, b"second", time.time() + 60)
     assert b"SECRET-ONE" not in raw_record(tmp_path)
-    backend.save(key, b"SECRET-TWO" + b"b" * 30, time.time() + 60)
+    backend.save(key, b"SECRET-TWO" + b"b" * (3 * pad), time.time() + 60)
     backend.save(key, b"third", time.time() + 60)
     backend.touch(key, time.time() + 600)
     raw = raw_record(tmp_path)
@@ -395,20 +397,123 @@ def test_a_file_left_with_an_older_tail_is_cleaned_by_the_next_save(tmp_path: t.
     """A file written before this fix, or by a writer killed between its
     two writes, may hold an older version in the slot a save fills, past
     the new data's end: the save overwrites it too."""
-    from flask_serverside.backends import filesystem
-
     backend = FileSystemBackend(tmp_path)
     key = slot_key(10)
     backend.save(key, b"current", time.time() + 60)
     (path,) = record_files(str(tmp_path))
     with open(path, "rb") as f:
-        capacity = filesystem._HEADER.unpack_from(f.read())[1]
+        capacity = filefmt.HEADER.unpack_from(f.read())[1]
     # Slot 1 (the older one) holds an old version: the next save fills it.
-    old = filesystem._slot(0, b"x" * 20 + b"OLD-SECRET", time.time() + 60)
+    old = filefmt.slot(0, b"x" * 20 + b"OLD-SECRET", time.time() + 60)
     with open(path, "r+b") as f:
-        f.seek(filesystem._slot_offset(1, capacity))
+        f.seek(filefmt.slot_offset(1, capacity))
         f.write(old)
     backend.save(key, b"new", time.time() + 60)
     raw = raw_record(tmp_path)
     assert b"OLD-SECRET" not in raw and b"current" not in raw
     assert backend.load(key).data == b"new"  # type: ignore[union-attr]
+
+
+# The one-step write and the cost of a read
+
+
+_opened: list[str] | None = None
+
+
+def _note_open(event: str, args: tuple[t.Any, ...]) -> None:
+    if event == "open" and _opened is not None and isinstance(args[0], str):
+        _opened.append(args[0])
+
+
+@pytest.fixture
+def opened() -> t.Iterator[list[str]]:
+    """The paths this process opens (``os.open`` and ``open`` alike) while
+    the test runs, from the interpreter's audit events."""
+    global _opened
+    if not getattr(sys, "_flask_serverside_open_hook", False):
+        sys.addaudithook(_note_open)
+        sys._flask_serverside_open_hook = True  # type: ignore[attr-defined]
+    _opened = []
+    try:
+        yield _opened
+    finally:
+        _opened = None
+
+
+def test_replace_is_one_open_of_the_record_file(tmp_path: t.Any, opened: list[str]) -> None:
+    """A plain rewrite is one open, read and in-place write of the record
+    file, under the shard's lock: not a lock section that reads it again."""
+    backend = FileSystemBackend(tmp_path)
+    key = slot_key(11)
+    backend.save(key, b"old", time.time() + 60)
+    (path,) = record_files(str(tmp_path))
+    lock = os.path.join(os.path.dirname(path), ".lock")
+    opened.clear()
+    assert backend.replace(key, b"old", b"new", time.time() + 120) is True
+    assert opened == [lock, path]
+    record = backend.load(key)
+    assert record is not None and record.data == b"new"
+    assert record.expires == pytest.approx(time.time() + 120, abs=5)
+    opened.clear()
+    assert backend.touch(key, time.time() + 600) is True
+    assert opened == [lock, path]
+    # Data that outgrows the slots needs a new file: the locked save's job.
+    big = b"x" * (2 * os.stat(path).st_size)
+    assert backend.replace(key, b"new", big, time.time() + 60) is False
+    assert backend.load(key).data == b"new"  # type: ignore[union-attr]
+
+
+def test_replace_zeroes_the_version_it_replaced(tmp_path: t.Any) -> None:
+    """The one-step write keeps the two-slot guarantees: the version it
+    replaced is wiped, and the next write goes on from the new one."""
+    backend = FileSystemBackend(tmp_path)
+    key = slot_key(12)
+    backend.save(key, b"a" * 10 + b"SECRET-ONE", time.time() + 60)
+    assert backend.replace(key, b"a" * 10 + b"SECRET-ONE", b"second", time.time() + 60)
+    raw = raw_record(tmp_path)
+    assert b"SECRET-ONE" not in raw and raw.count(b"second") == 1
+    assert backend.replace(key, b"second", b"third", time.time() + 60)
+    raw = raw_record(tmp_path)
+    assert b"second" not in raw and raw.count(b"third") == 1
+    assert backend.load(key).data == b"third"  # type: ignore[union-attr]
+
+
+def read_bytes() -> int:
+    """Bytes this thread has read with ``read``-like system calls so far."""
+    with open("/proc/thread-self/io", "rb") as f:
+        fields = dict(line.split(b": ") for line in f.read().splitlines())
+    return int(fields[b"rchar"])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/thread-self/io"), reason="Linux only")
+def test_a_read_takes_the_newest_slot_not_the_whole_file(tmp_path: t.Any) -> None:
+    """A record's slots have room for twice its data: a load reads the
+    header and the newest slot, not the empty room around them."""
+    backend = FileSystemBackend(tmp_path)
+    key = slot_key(13)
+    for version in (b"1", b"2"):  # the newest in either slot
+        data = version * 65536
+        backend.save(key, data, time.time() + 60)
+        (path,) = record_files(str(tmp_path))
+        before = read_bytes()
+        record = backend.load(key)
+        spent = read_bytes() - before
+        assert record is not None and record.data == data
+        assert spent < len(data) + 20000 < os.stat(path).st_size / 2
+
+
+def test_a_slot_reaching_past_the_file_is_not_read(
+    tmp_path: t.Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A damaged header that claims huge slots makes the record invalid;
+    nothing that size is read or allocated."""
+    backend = FileSystemBackend(tmp_path)
+    key = slot_key(14)
+    backend.save(key, b"x" * 40000, time.time() + 60)
+    (path,) = record_files(str(tmp_path))
+    with open(path, "r+b") as f:
+        f.write(filefmt.HEADER.pack(filefmt.MAGIC, 2**32 - 1))
+        f.write(filefmt.SLOT.pack(1, time.time() + 60, 2**32 - 2, 0))
+    with caplog.at_level(logging.WARNING, "flask_serverside"):
+        assert backend.load(key) is None
+    assert "not a valid record" in caplog.text

@@ -14,11 +14,11 @@ import re
 import sys
 import threading
 import time
+import types
 import typing as t
 from abc import ABC
 from abc import abstractmethod
 from contextlib import AbstractContextManager
-from contextlib import contextmanager
 from datetime import datetime
 from datetime import timezone
 
@@ -187,18 +187,47 @@ class Reentrant:
         self._section = section
         self._local = threading.local()
 
-    @contextmanager
-    def __call__(self, key: str) -> t.Iterator[None]:
+    def __call__(self, key: str) -> AbstractContextManager[None]:
+        return _Entry(self._section, self._local, key)
+
+
+class _Entry:
+    """One ``with`` block of a :class:`Reentrant` section. (A class, not a
+    generator: a store's every write enters one.)"""
+
+    __slots__ = ("_section", "_local", "_key", "_entered")
+
+    def __init__(
+        self,
+        section: t.Callable[[str], AbstractContextManager[None]],
+        local: threading.local,
+        key: str,
+    ) -> None:
+        self._section = section
+        self._local = local
+        self._key = key
+        self._entered: AbstractContextManager[None] | None = None
+
+    def __enter__(self) -> None:
         held: set[str] = self._local.__dict__.setdefault("keys", set())
-        if key in held:
-            yield
+        if self._key in held:
             return
-        with self._section(key):
-            held.add(key)
-            try:
-                yield
-            finally:
-                held.discard(key)
+        section = self._section(self._key)
+        section.__enter__()
+        held.add(self._key)
+        self._entered = section
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> bool | None:
+        section, self._entered = self._entered, None
+        if section is None:
+            return None
+        self._local.keys.discard(self._key)
+        return section.__exit__(exc_type, exc, tb)
 
 
 def import_optional(module: str, purpose: str, install: str) -> t.Any:

@@ -6,15 +6,13 @@ import functools
 import logging
 import os
 import secrets
-import struct
 import time
 import typing as t
-import zlib
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from contextlib import contextmanager
 from urllib.parse import quote
 
+from . import filefmt
 from .base import Backend
 from .base import DIGEST_LENGTH
 from .base import flock_exclusive
@@ -25,17 +23,6 @@ from .base import Reentrant
 
 logger = logging.getLogger("flask_serverside")
 
-# A record file is a header (MAGIC and the capacity of a slot) and two
-# slots of that capacity. A slot is a generation, the expiry as a
-# big-endian double, a length and a CRC-32 of those and the data, then the
-# data.
-_MAGIC = b"FSSESS2\n"
-_HEADER = struct.Struct(">8sI4x")
-_SLOT = struct.Struct(">QdII")
-#: The part of a slot's header that its CRC-32 covers.
-_SLOT_HEAD = struct.Struct(">QdI")
-#: The smallest slot; a slot holds twice the data it was sized for.
-_MIN_CAPACITY = 512
 _LOCK_NAME = ".lock"
 _TMP_PREFIX = ".tmp-"
 #: The longest file name most file systems allow (ext4, XFS, tmpfs, APFS).
@@ -119,17 +106,16 @@ class FileSystemBackend(Backend):
         return f"{self.directory}/{key[-2:]}/{name}"
 
     def load(self, key: str) -> Record | None:
+        path = self._path(key)
         # Reads again if no slot held: a reader can catch the slot being
         # written, then the other one being wiped once it is whole.
         for _ in range(_READS):
             try:
-                with open(self._path(key), "rb") as f:
-                    raw = f.read()
+                newest = _read_newest(path)
             except FileNotFoundError:
                 return None
-            record = _parse(raw)
-            if record is not None:
-                return record
+            if newest is not None:
+                return Record(newest.data, newest.expires)
         logger.warning("Session record %r is not a valid record; ignoring it.", key)
         return None
 
@@ -140,13 +126,27 @@ class FileSystemBackend(Backend):
             if not _write_slot(path, data, expires):
                 self._write_file(shard, path, data, expires)
 
+    def replace(self, key: str, expected: bytes, data: bytes, expires: float) -> bool:
+        """Rewrite the record in place, under its shard's lock, if its newest
+        version is live and holds ``expected``: one open, read and write of
+        the file. The lock is what a :meth:`lock` section holds, so a
+        replace waits for the section, then finds what it wrote.
+
+        ``False`` if the record is missing, expired or changed, or if the
+        data outgrows its slots (the caller's locked save then moves it to
+        a bigger file).
+        """
+        with self._lock_shard(self._shard(key)):
+            path = self._path(key)
+            return _write_slot(path, data, expires, expected=expected, live_at=time.time())
+
     def _write_file(self, shard: str, path: str, data: bytes, expires: float) -> None:
         """Create the record file, or replace one whose slots are too small."""
         tmp = os.path.join(shard, _TMP_PREFIX + secrets.token_hex(8))
         fd = self._open_new(tmp)
         try:
             with open(fd, "wb", closefd=True) as f:
-                f.write(_encode(data, expires))
+                f.write(filefmt.encode(data, expires))
             os.replace(tmp, path)
         except BaseException:
             _unlink(tmp)
@@ -175,12 +175,9 @@ class FileSystemBackend(Backend):
         os.chmod(shard, 0o700)
 
     def touch(self, key: str, expires: float) -> bool:
-        path = self._path(key)
         # Under the shard lock no write comes between the check and the slot.
         with self._lock_shard(self._shard(key)):
-            if _read_expiry(path) <= time.time():
-                return False
-            return _write_slot(path, None, expires)
+            return _write_slot(self._path(key), None, expires, live_at=time.time())
 
     def delete(self, key: str) -> bool:
         return _unlink(self._path(key))
@@ -188,18 +185,16 @@ class FileSystemBackend(Backend):
     def lock(self, key: str) -> AbstractContextManager[None]:
         return self._lock_shard(self._shard(key))
 
-    @contextmanager
-    def _flock_shard(self, shard: str) -> Iterator[None]:
-        fd = self._open_lock(os.path.join(shard, _LOCK_NAME))
-        try:
-            # flock, unlike lockf, also excludes threads of one process, as
-            # each call opens its own file description.
-            flock_exclusive(fd)
-            yield
-        finally:
-            os.close(fd)
+    def _flock_shard(self, shard: str) -> _Flock:
+        return _Flock(self._open_lock, os.path.join(shard, _LOCK_NAME))
 
     def _open_lock(self, path: str) -> int:
+        # Without O_CREAT, the common case, the kernel does not lock the
+        # directory to look the name up.
+        try:
+            return os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            pass
         try:
             return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         except FileNotFoundError:
@@ -257,6 +252,35 @@ class FileSystemBackend(Backend):
                 yield entry.path
 
 
+class _Flock:
+    """An exclusive :func:`fcntl.flock` on a shard's lock file while in
+    the ``with`` block.
+
+    flock, unlike lockf, also excludes threads of one process, as each
+    entry opens its own file description. (A class, not a generator: every
+    write enters it.)
+    """
+
+    __slots__ = ("_open", "_path", "_fd")
+
+    def __init__(self, open_lock: t.Callable[[str], int], path: str) -> None:
+        self._open = open_lock
+        self._path = path
+        self._fd = -1
+
+    def __enter__(self) -> None:
+        fd = self._open(self._path)
+        try:
+            flock_exclusive(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def __exit__(self, *exc_info: object) -> None:
+        os.close(self._fd)
+
+
 @functools.lru_cache(maxsize=32)
 def _escape(prefix: str) -> str:
     name = quote(prefix, safe="")
@@ -266,118 +290,64 @@ def _escape(prefix: str) -> str:
     return name
 
 
-def _encode(data: bytes, expires: float) -> bytes:
-    """A new record file: the data in the first slot, the second empty."""
-    capacity = _capacity_for(len(data))
-    first = _slot(1, data, expires).ljust(_SLOT.size + capacity, b"\0")
-    return _HEADER.pack(_MAGIC, capacity) + first + bytes(_SLOT.size + capacity)
+def _read_newest(path: str) -> filefmt.Slot | None:
+    """The newest slot of a record file whose checksum holds, if any.
+
+    :raises FileNotFoundError: There is no such file.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        found = filefmt.newest(fd, os.read(fd, filefmt.FIRST_READ))
+    finally:
+        os.close(fd)
+    return None if found is None else found[1]
 
 
-def _capacity_for(size: int) -> int:
-    capacity = _MIN_CAPACITY
-    while capacity < 2 * size:
-        capacity *= 2
-    return capacity
-
-
-def _slot(generation: int, data: bytes, expires: float) -> bytes:
-    head = _SLOT_HEAD.pack(generation, expires, len(data))
-    return head + zlib.crc32(data, zlib.crc32(head)).to_bytes(4, "big") + data
-
-
-def _slot_offset(index: int, capacity: int) -> int:
-    return _HEADER.size + index * (_SLOT.size + capacity)
-
-
-class _Slot(t.NamedTuple):
-    generation: int
-    position: int
-    data: bytes
-    expires: float
-
-
-def _newest(raw: bytes) -> tuple[int, _Slot] | None:
-    """The capacity of a record file's slots and its newest slot whose
-    checksum holds; ``None`` if it has none, or is no record file."""
-    if len(raw) < _HEADER.size or not raw.startswith(_MAGIC):
-        return None
-    capacity = _HEADER.unpack_from(raw)[1]
-    newest = None
-    for index in (0, 1):
-        start = _slot_offset(index, capacity) + _SLOT.size
-        if len(raw) < start:
-            break
-        generation, expires, length, crc = _SLOT.unpack_from(raw, start - _SLOT.size)
-        data = raw[start : start + length]
-        head = raw[start - _SLOT.size : start - 4]
-        if length > capacity or len(data) != length or zlib.crc32(data, zlib.crc32(head)) != crc:
-            continue
-        if newest is None or generation > newest.generation:
-            newest = _Slot(generation, index, data, expires)
-    return None if newest is None else (capacity, newest)
-
-
-def _parse(raw: bytes) -> Record | None:
-    found = _newest(raw)
-    return None if found is None else Record(found[1].data, found[1].expires)
-
-
-def _write_slot(path: str, data: bytes | None, expires: float) -> bool:
+def _write_slot(
+    path: str,
+    data: bytes | None,
+    expires: float,
+    expected: bytes | None = None,
+    live_at: float | None = None,
+) -> bool:
     """Write ``data`` (``None``: the newest slot's again) with ``expires``
-    into the older slot of an existing record file. ``False`` if there is
-    no valid file, or ``data`` does not fit its slots."""
+    into the older slot of an existing record file.
+
+    ``False`` if there is no valid file, ``data`` does not fit its slots,
+    or the newest slot does not hold ``expected`` or has expired at
+    ``live_at`` (each checked if given).
+    """
     try:
         fd = os.open(path, os.O_RDWR)
     except FileNotFoundError:
         return False
     try:
-        raw = os.pread(fd, os.fstat(fd).st_size, 0)
-        found = _newest(raw)
+        raw = filefmt.read_whole(fd)
+        found = filefmt.newest(fd, raw)
         if found is None:
             return False
         capacity, newest = found
+        if live_at is not None and newest.expires <= live_at:
+            return False
+        if expected is not None and newest.data != expected:
+            return False
         data = newest.data if data is None else data
         if len(data) > capacity:
             return False
-        slot = _slot(newest.generation + 1, data, expires)
-        _write_then_wipe(fd, raw, slot, capacity, newest.position)
+        new = filefmt.slot(newest.generation + 1, data, expires)
+        filefmt.write_then_wipe(fd, raw, new, capacity, newest.position)
     finally:
         os.close(fd)
     return True
 
 
-def _write_then_wipe(fd: int, raw: bytes, slot: bytes, capacity: int, newest: int) -> None:
-    """Write ``slot`` into the slot other than ``newest``, then zero
-    ``newest``, so that no earlier version stays readable in the file.
-
-    The new slot is written over all the bytes an older version left in it,
-    past its own end too. The wipe comes only once the new slot is whole: a
-    crash before it leaves both versions, during it the new one.
-    """
-    target = _slot_offset(1 - newest, capacity)
-    _pwrite_all(fd, slot.ljust(_used(raw, target, capacity), b"\0"), target)
-    start = _slot_offset(newest, capacity)
-    _pwrite_all(fd, bytes(_used(raw, start, capacity)), start)
-
-
-def _used(raw: bytes, start: int, capacity: int) -> int:
-    """How many bytes of the slot at ``start`` are not zero, up to the last."""
-    return len(raw[start : start + _SLOT.size + capacity].rstrip(b"\0"))
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    if os.pwrite(fd, data, offset) != len(data):
-        raise OSError(f"Short write to a session record at offset {offset}.")
-
-
 def _read_expiry(path: str) -> float:
     """The expiry of a record file; ``0`` if unreadable or gone."""
     try:
-        with open(path, "rb") as f:
-            record = _parse(f.read())
+        newest = _read_newest(path)
     except FileNotFoundError:
         return 0.0
-    return 0.0 if record is None else record.expires
+    return 0.0 if newest is None else newest.expires
 
 
 def _scan(path: str) -> Iterator[os.DirEntry[str]]:

@@ -4,8 +4,9 @@ It builds one backend from ``SPEC`` (JSON) without connecting anywhere, then
 reads commands on stdin, one a line, and answers on stdout:
 
 - ``writer KEY``: fork a child that saves ever-growing self-validating
-  records under KEY, forever, the way the store's merge does (lock, load,
-  save, touch); answers ``pid N``.
+  records under KEY, forever, the way the store's save does (load, then
+  the one-step replace, or if it declines lock, load, save; then touch);
+  answers ``pid N``.
 - ``holder KEY``: fork a child that takes ``lock(KEY)`` and holds it forever;
   answers ``pid N``, and the child says ``held N`` once it holds the lock.
 - ``wait N``: reap child N; answers ``status S``.
@@ -85,12 +86,19 @@ def decode(record: Record, exact_expiry: bool = True) -> int:
 
 def write_forever(backend: Backend, key: str) -> t.NoReturn:
     while True:
-        with backend.lock(key):
-            current = backend.load(key)
-            counter = decode(current) + 1 if current is not None else 1
-            data, expires = encode(counter)
-            backend.save(key, data, expires)
+        current, data, expires = _next(backend, key)
+        if current is None or not backend.replace(key, current.data, data, expires):
+            with backend.lock(key):
+                _, data, expires = _next(backend, key)
+                backend.save(key, data, expires)
         backend.touch(key, expires + 0.5)
+
+
+def _next(backend: Backend, key: str) -> tuple[Record | None, bytes, float]:
+    """The record under ``key`` now, and the data and expiry of the next."""
+    current = backend.load(key)
+    data, expires = encode(decode(current) + 1 if current is not None else 1)
+    return current, data, expires
 
 
 def hold_forever(backend: Backend, key: str) -> t.NoReturn:

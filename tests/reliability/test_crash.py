@@ -28,7 +28,7 @@ import uuid
 import pytest
 
 from flask_serverside.backends import Backend
-from flask_serverside.backends import filesystem
+from flask_serverside.backends import filefmt
 from flask_serverside.backends.filesystem import FileSystemBackend
 from flask_serverside.backends.filesystem import STALE_TMP_SECONDS
 from tests.reliability.crash_writer import decode
@@ -316,7 +316,7 @@ def test_cleanup_survives_a_save_renaming_its_temp_file(
     in_flight = os.path.join(shard, ".tmp-inflight0000000")
     saved = "session:" + "f" * 62 + "00"  # the in-flight save's record
     with open(in_flight, "wb") as f:
-        f.write(filesystem._encode(b"new", time.time() + 60))
+        f.write(filefmt.encode(b"new", time.time() + 60))
     real_scandir = os.scandir
 
     class ListedThenSaved:

@@ -32,7 +32,7 @@ from werkzeug.http import dump_cookie
 from werkzeug.sansio.http import parse_cookie  # what Request.cookies uses
 
 from flask_serverside import ids
-from flask_serverside.backends import filesystem
+from flask_serverside.backends import filefmt
 from flask_serverside.backends.filesystem import FileSystemBackend
 from tests.conftest import build_app
 from tests.conftest import CountingBackend
@@ -364,7 +364,7 @@ class Planter:
         stamp = soon if expires is None else expires
         raw = b"fss\x02" + struct.pack(">d", stamp) + payload if framed else payload
         if self.name == "filesystem":
-            raw = filesystem._encode(payload, stamp) if framed else payload
+            raw = filefmt.encode(payload, stamp) if framed else payload
             path = self.inner._path(key)  # type: ignore[attr-defined]
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as f:
