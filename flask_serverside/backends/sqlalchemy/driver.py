@@ -144,9 +144,14 @@ class Driver:
         prepared: set[str] = conn.info.setdefault("flask_serverside_prepared", set())
         sql = self._sql(statement, prepared)
 
+        if sql is statement.plain:
+            args: t.Any = params
+        else:
+            args = tuple([params[name] for name in statement.order])
+
         try:
             cursor = self._cursor(conn)
-            cursor.execute(sql, params)
+            cursor.execute(sql, args)
             # With PREPARE, psycopg 3 starts at the result of PREPARE,
             # psycopg2 keeps only the last one.
             several = sql is not statement.execute and sql is not statement.plain
@@ -166,7 +171,7 @@ class Driver:
                 conn.invalidate(exc)
                 return False, None
 
-            error = sa.exc.DBAPIError.instance(sql, params, exc, dbapi_error, dialect=dialect)
+            error = sa.exc.DBAPIError.instance(sql, args, exc, dbapi_error, dialect=dialect)
             raise error from exc
         finally:
             conn.close()

