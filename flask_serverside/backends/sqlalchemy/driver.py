@@ -54,32 +54,19 @@ class SQLiteDriver:
         ``engine.connect()``.
         """
         assert isinstance(statement, SQLiteStatement)
-        dialect = self.engine.dialect
-        dbapi_error = dialect.loaded_dbapi.Error
-
-        try:
-            conn = self.engine.raw_connection()
-        except dbapi_error as exc:  # the pool raises the driver's own errors
-            raise sa.exc.DBAPIError.instance(None, None, exc, dbapi_error, dialect=dialect) from exc
-
+        conn = _checkout(self.engine)
         args = statement.args(params)
 
         try:
-            cursor = conn.driver_connection.execute(statement.sql, args)  # type: ignore[union-attr]
+            cursor = conn.driver_connection.execute(statement.sql, args)
             result = statement.row(cursor.fetchone()) if statement.columns else cursor.rowcount
             cursor.close()
-        except dbapi_error as exc:
+        except self.engine.dialect.loaded_dbapi.Error as exc:
             if self._poll_busy and "database is locked" in str(exc):
                 return False, None
 
-            if dialect.is_disconnect(exc, conn.dbapi_connection, None):
-                conn.invalidate(exc)
-                return False, None
-
-            error = sa.exc.DBAPIError.instance(
-                statement.sql, args, exc, dbapi_error, dialect=dialect
-            )
-            raise error from exc
+            _drop_or_raise(self.engine, conn, exc, statement.sql, args)
+            return False, None
         finally:
             conn.close()
 
@@ -133,14 +120,7 @@ class Driver:
         database is down).
         """
         assert isinstance(statement, DriverStatement)
-        dialect = self.engine.dialect
-        dbapi_error = dialect.loaded_dbapi.Error
-
-        try:
-            conn = self.engine.raw_connection()
-        except dbapi_error as exc:  # the pool raises the driver's own errors
-            raise sa.exc.DBAPIError.instance(None, None, exc, dbapi_error, dialect=dialect) from exc
-
+        conn = _checkout(self.engine)
         prepared: set[str] = conn.info.setdefault("flask_serverside_prepared", set())
         sql = self._sql(statement, prepared)
 
@@ -162,17 +142,13 @@ class Driver:
             if self._client_cursor is None:  # psycopg 3's is kept
                 cursor.close()
             prepared.add(statement.name)
-        except dbapi_error as exc:
+        except self.engine.dialect.loaded_dbapi.Error as exc:
             if _sqlstate(exc) in _LOST_PREPARED:
                 self._prepare = False
                 return False, None
 
-            if dialect.is_disconnect(exc, conn.dbapi_connection, None):
-                conn.invalidate(exc)
-                return False, None
-
-            error = sa.exc.DBAPIError.instance(sql, args, exc, dbapi_error, dialect=dialect)
-            raise error from exc
+            _drop_or_raise(self.engine, conn, exc, sql, args)
+            return False, None
         finally:
             conn.close()
 
@@ -201,6 +177,35 @@ class Driver:
             return statement.execute
 
         return f"{statement.prepare}; {statement.execute}"
+
+
+def _checkout(engine: sa.Engine) -> t.Any:
+    """A pooled connection of ``engine``.
+
+    :raises sqlalchemy.exc.DBAPIError: The pool could not connect (the
+        database is down): the driver's error, as SQLAlchemy's.
+    """
+    dialect = engine.dialect
+    dbapi_error = dialect.loaded_dbapi.Error
+
+    try:
+        return engine.raw_connection()
+    except dbapi_error as exc:  # the pool raises the driver's own errors
+        raise sa.exc.DBAPIError.instance(None, None, exc, dbapi_error, dialect=dialect) from exc
+
+
+def _drop_or_raise(engine: sa.Engine, conn: t.Any, exc: t.Any, sql: str, args: t.Any) -> None:
+    """Invalidate ``conn`` if ``exc`` says it is dead (the caller runs the
+    statement again through SQLAlchemy); else raise ``exc`` as the
+    SQLAlchemy error it would be on ``engine.connect()``."""
+    dialect = engine.dialect
+
+    if dialect.is_disconnect(exc, conn.dbapi_connection, None):
+        conn.invalidate(exc)
+        return
+
+    error = sa.exc.DBAPIError.instance(sql, args, exc, dialect.loaded_dbapi.Error, dialect=dialect)
+    raise error from exc
 
 
 def _sqlstate(exc: BaseException) -> str | None:
