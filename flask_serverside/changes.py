@@ -27,6 +27,9 @@ PERMANENT = "_permanent"
 #: Types whose values cannot change in place: handing one out needs no
 #: snapshot. (A tuple is immutable if its items are.)
 LEAVES = frozenset({str, int, float, bool, type(None), bytes, Markup, datetime, UUID})
+#: Leaves that serialize alike exactly when they are equal and of one type
+#: (not floats: ``-0.0 == 0.0``; not datetimes: equal times in other zones).
+_PLAIN = LEAVES - {float, datetime}
 
 
 def is_empty(data: t.Mapping[str, t.Any]) -> bool:
@@ -102,6 +105,8 @@ def copy_value(value: t.Any) -> t.Any:
     if kind in LEAVES:
         return value
     if kind is list:
+        if all(type(item) in LEAVES for item in value):
+            return value.copy()  # leaves are immutable: no deeper copy
         return [copy_value(item) for item in value]
     if kind is dict:
         return {_key(k): copy_value(v) for k, v in value.items()}
@@ -124,7 +129,11 @@ def same(old: t.Any, new: t.Any) -> bool:
     if kind is not type(new):
         return False
     if kind is list or kind is tuple:
-        return len(old) == len(new) and all(map(same, old, new))
+        if len(old) != len(new):
+            return False
+        if all(type(a) in _PLAIN and type(a) is type(b) for a, b in zip(old, new)):
+            return bool(old == new)  # one comparison in C, not a call per item
+        return all(map(same, old, new))
     if kind is dict:
         return (
             len(old) == len(new)

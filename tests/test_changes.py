@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import threading
 import typing as t
+import uuid
 
 import pytest
 from flask import Flask
@@ -21,6 +22,8 @@ from werkzeug.http import http_date
 from werkzeug.http import parse_date
 from werkzeug.wrappers import Request
 
+from flask_serverside.changes import copy_value
+from flask_serverside.changes import same
 from flask_serverside.interface import _request_cookie
 from flask_serverside.serializers import JSONSerializer
 from tests.conftest import build_app
@@ -377,3 +380,45 @@ def test_nested_change_in_a_custom_type_is_saved(make_app: t.Callable[..., Flask
     assert data is not None
     assert type(data["cart"]) is Cart
     assert data["cart"] == ["tea", "get"]
+
+
+_NAN = float("nan")
+_WHEN = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ([1, 2], [1, 2], True),
+        ([1, 2], [1, 3], False),
+        ([1], [1, 1], False),
+        ([1], [True], False),
+        ([True], [1], False),
+        ([1.0], [1], False),
+        ([0.0], [-0.0], False),
+        ([_NAN], [float("nan")], True),
+        (["a"], [Markup("a")], False),
+        ([Markup("a")], [Markup("a")], True),
+        ((1, "a"), (1, "a"), True),
+        ((1, "a"), [1, "a"], False),
+        ([b"x", None], [b"x", None], True),
+        ([uuid.UUID(int=1)], [uuid.UUID(int=1)], True),
+        ([_WHEN], [_WHEN.astimezone(datetime.timezone(datetime.timedelta(0), "Z"))], False),
+        ([[1], "a"], [[1], "a"], True),
+        ([[1], "a"], [[True], "a"], False),
+        ([{"a": 1}], [{"a": 1.0}], False),
+    ],
+)
+def test_same_is_type_strict_in_lists(old: t.Any, new: t.Any, expected: bool) -> None:
+    """A value handed out compares equal only if it serializes alike:
+    flat lists of strings, ints and the like too (their fast path)."""
+    assert same(old, new) is expected
+
+
+def test_a_copied_flat_list_is_its_own() -> None:
+    value = ["tea", 1, None]
+    copied = copy_value(value)
+    assert copied == value and copied is not value
+    value.append("more")
+    assert copied == ["tea", 1, None]
+    assert not same(copied, value)
