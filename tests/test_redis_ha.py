@@ -9,6 +9,7 @@ not run twice more; ``conftest.REDIS_DEPLOYMENTS`` names their servers.
 
 from __future__ import annotations
 
+import copy
 import time
 import typing as t
 import uuid
@@ -263,3 +264,15 @@ def test_app_starts_while_the_cluster_is_down(
             assert app.extensions["serverside"].count() == 1
     finally:
         node.server.stop()
+
+
+def test_lazy_cluster_private_names_never_connect() -> None:
+    """Asking the stand-in for a private or special name (as ``copy`` does
+    before ``__init__`` has run) answers AttributeError: it neither
+    recurses nor tries to reach the cluster."""
+    lazy = cache_from_url("redis+cluster://127.0.0.1:1")._write_client  # type: ignore[attr-defined]
+    twin = copy.copy(lazy)
+    assert twin.startup_nodes == ["127.0.0.1:1"]
+    with pytest.raises(AttributeError):
+        lazy._private  # noqa: B018
+    assert lazy._client is None

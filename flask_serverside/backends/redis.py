@@ -279,6 +279,11 @@ class LazyCluster:
         return commands.Script(self, script.encode() if isinstance(script, str) else script)
 
     def __getattr__(self, name: str) -> t.Any:
+        # Only public names are the client's: a private or special one
+        # (``copy`` asks for ``__setstate__`` before ``__init__`` ran) must
+        # not build the client, or recurse through ``_client``.
+        if name.startswith("_"):
+            raise AttributeError(name)
         return getattr(self.built(), name)
 
     def __repr__(self) -> str:
