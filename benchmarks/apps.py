@@ -187,18 +187,23 @@ class FloorInterface(BareInterface):
         self.key = f"floor-{len(data)}"
         floor.setup(self.key, data)
 
+    def record_key(self, request: Request) -> str:
+        """The record a request works on."""
+        return self.key
+
     def open_session(self, app: Flask, request: Request) -> t.Any:
         content = BareSession(CONTENT)
         if request.path in READ_PATHS:
-            raw = self.floor.read(self.key)
+            key = self.record_key(request)
+            raw = self.floor.read(key)
             if request.path in WRITE_PATHS:
-                request.environ["bench.floor"] = raw
+                request.environ["bench.floor"] = (key, raw)
         return content
 
     def save_session(self, app: Flask, session: t.Any, response: Response) -> None:
-        raw = t.cast("bytes | None", request.environ.get("bench.floor"))
-        if raw is not None:
-            self.floor.write(self.key, raw)
+        found = t.cast("tuple[str, bytes] | None", request.environ.get("bench.floor"))
+        if found is not None:
+            self.floor.write(*found)
 
 
 class Floor:

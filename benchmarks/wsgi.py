@@ -14,12 +14,8 @@ from __future__ import annotations
 
 import os
 import pathlib
-import typing as t
 
-from flask import Flask
 from flask import Request
-from flask import request
-from flask import Response
 
 from benchmarks import apps
 
@@ -33,18 +29,8 @@ class SessionFloor(apps.FloorInterface):
     def __init__(self, floor: apps.Floor) -> None:
         self.floor = floor
 
-    def open_session(self, app: Flask, request: Request) -> t.Any:
-        if request.path in apps.READ_PATHS:
-            key = "floor-" + request.cookies.get(apps.COOKIE_NAME, "")
-            raw = self.floor.read(key)
-            if request.path in apps.WRITE_PATHS:
-                request.environ["bench.floor"] = (key, raw)
-        return apps.BareSession(apps.CONTENT)
-
-    def save_session(self, app: Flask, session: t.Any, response: Response) -> None:
-        found = t.cast("tuple[str, bytes] | None", request.environ.get("bench.floor"))
-        if found is not None:
-            self.floor.write(*found)
+    def record_key(self, request: Request) -> str:
+        return "floor-" + request.cookies.get(apps.COOKIE_NAME, "")
 
 
 apps.quiet()
