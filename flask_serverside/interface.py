@@ -109,9 +109,13 @@ class ServerSideSessionInterface(SessionInterface):
             return
         # Flask calls save_session again when this one raises; don't retry.
         session.save_attempted = True
+        lifetime = app.permanent_session_lifetime.total_seconds()
         try:
-            lifetime = app.permanent_session_lifetime.total_seconds()
-            saved = self.store.save(session.changes(), lifetime)
+            if _only_read(session):
+                assert session.stored is not None
+                saved = self.store.keep(session.sid, session.stored, session.loaded_at, lifetime)
+            else:
+                saved = self.store.save(session.changes(), lifetime)
         except BackendUnavailable as exc:
             _replace_response(response, exc)
             return
@@ -269,6 +273,12 @@ def _request_cookie(request: Request, name: str) -> str | None:
                     return value
                 break
     return request.cookies.get(name)
+
+
+def _only_read(session: ServerSideSession) -> bool:
+    """Whether the request only read its stored session: saving it needs
+    none of :meth:`.SessionStore.save`'s work (issue 16)."""
+    return session.stored is not None and session.renewal is None and session.unchanged()
 
 
 def _vary_on_cookie(response: Response) -> None:

@@ -23,7 +23,6 @@ from .record import Loaded
 
 if t.TYPE_CHECKING:
     from .backends.base import Record
-    from .changes import Changes
     from .store import SessionStore
 
 logger = logging.getLogger("flask_serverside")
@@ -130,13 +129,13 @@ def move_to_new_id(
     return Loaded(loaded.data, loaded.raw, loaded.expires, meta, stored, new_sid, True)
 
 
-def ended(store: SessionStore, changes: Changes, clocks: Clocks) -> bool:
-    """Whether the session passed its absolute lifetime while this request
-    ran; if so its record is removed and nothing is saved."""
-    assert changes.loaded is not None
-    if not clocks.ended(changes.loaded.meta, time.time()):
+def ended(store: SessionStore, meta: records.Meta, sid: str, clocks: Clocks) -> bool:
+    """Whether the session stored under ``sid`` with ``meta`` passed its
+    absolute lifetime while this request ran; if so its record is removed
+    and nothing is saved."""
+    if not clocks.ended(meta, time.time()):
         return False
-    end(store, store.key(changes.regenerated_from or changes.sid), clocks)
+    end(store, store.key(sid), clocks)
     logger.info("Dropping this request's session changes: the session ended.")
     return True
 

@@ -133,19 +133,40 @@ def _index(store: SessionStore, changes: Changes, expires: float) -> tuple[str, 
     return tuple(users.bound(store, meta, key, expires, store.max_per_user))
 
 
+#: What :func:`keep` can find, built once: a read request's save builds nothing.
+_KEEP_OUTCOMES = {outcome: Saved(outcome) for outcome in (Outcome.KEPT, Outcome.DROPPED)}
+
+
+def keep(
+    store: SessionStore, sid: str, loaded: Loaded, loaded_at: float, lifetime: float
+) -> Saved:
+    """Save a session its request only read (nothing assigned, and every
+    value handed out as it was): no :class:`Changes` to build, nothing to
+    encode or write; the record is extended if due (see :func:`_touch`).
+
+    :param sid: The ID the session is stored under.
+    :param loaded_at: When the request read it (:func:`time.monotonic`).
+    """
+    if store.clocks is not None and renewal.ended(store, loaded.meta, sid, store.clocks):
+        return _KEEP_OUTCOMES[Outcome.DROPPED]
+    return _KEEP_OUTCOMES[_touch(store, sid, loaded, loaded_at, lifetime)]
+
+
 def _save(store: SessionStore, changes: Changes, lifetime: float) -> Saved:
-    if changes.loaded is None:
+    loaded = changes.loaded
+    if loaded is None:
         return Saved(_create(store, changes, lifetime))
-    if store.clocks is not None and renewal.ended(store, changes, store.clocks):
+    sid = changes.regenerated_from or changes.sid
+    if store.clocks is not None and renewal.ended(store, loaded.meta, sid, store.clocks):
         return Saved(Outcome.DROPPED)
     same_record = changes.regenerated_from is None and changes.new_created is None
     if same_record and changes.unchanged():
         # Nothing assigned and no handed-out value changed: no encoding.
-        return Saved(_touch(store, changes, changes.loaded, lifetime))
+        return Saved(_touch(store, sid, loaded, changes.loaded_at, lifetime))
     raw = store.serializer.dumps(changes.data)
-    if same_record and raw == changes.loaded.raw:
-        return Saved(_touch(store, changes, changes.loaded, lifetime))
-    return _write(store, changes, changes.loaded, raw, lifetime)
+    if same_record and raw == loaded.raw:
+        return Saved(_touch(store, sid, loaded, changes.loaded_at, lifetime))
+    return _write(store, changes, loaded, raw, lifetime)
 
 
 def _create(store: SessionStore, changes: Changes, lifetime: float) -> Outcome:
@@ -159,7 +180,9 @@ def _create(store: SessionStore, changes: Changes, lifetime: float) -> Outcome:
     return Outcome.CREATED
 
 
-def _touch(store: SessionStore, changes: Changes, stored: Loaded, lifetime: float) -> Outcome:
+def _touch(
+    store: SessionStore, sid: str, stored: Loaded, loaded_at: float, lifetime: float
+) -> Outcome:
     """Extend an unmodified session's record when the touch interval is
     due, or when the request held its copy for over :data:`CONFIRM_AFTER`
     seconds; a record found gone (destroyed, regenerated or expired
@@ -169,9 +192,9 @@ def _touch(store: SessionStore, changes: Changes, stored: Loaded, lifetime: floa
         # Expired while this request ran: touching would bring it back.
         return Outcome.DROPPED
     due = now - (stored.expires - lifetime) >= min(store.touch_interval, lifetime / 2)
-    slow = time.monotonic() - changes.loaded_at > CONFIRM_AFTER
+    slow = time.monotonic() - loaded_at > CONFIRM_AFTER
     if due or slow:
-        if not store.backend.touch(store.key(changes.sid), now + lifetime):
+        if not store.backend.touch(store.key(sid), now + lifetime):
             return Outcome.DROPPED
         users.touched(store, stored.meta, now + lifetime)
     return Outcome.KEPT

@@ -277,6 +277,22 @@ class SessionStore:
         except self.backend.unavailable_errors as exc:
             raise self._unavailable("saving", exc) from exc
 
+    def keep(self, sid: str, loaded: Loaded, loaded_at: float, lifetime: float) -> Saved:
+        """Save a session its request only read: extend its record if due.
+
+        The cheap case of :meth:`save`, for a request that assigned
+        nothing, regenerated nothing and changed no value handed out.
+
+        :param loaded_at: When the request read it (:func:`time.monotonic`).
+        :return: :attr:`~.Outcome.KEPT`, or :attr:`~.Outcome.DROPPED` if the
+            record was found gone or the session ended, as a :class:`.Saved`.
+        :raises BackendUnavailable: The store could not be reached.
+        """
+        try:
+            return saving.keep(self, sid, loaded, loaded_at, lifetime)
+        except self.backend.unavailable_errors as exc:
+            raise self._unavailable("saving", exc) from exc
+
     def moved(self, meta: records.Meta, new_key: str, expires: float) -> None:
         """Record that a session moved to a new storage key.
 

@@ -24,6 +24,7 @@ from flask_serverside import ids
 from flask_serverside import saving
 from flask_serverside import SessionTooLarge
 from flask_serverside import signals
+from flask_serverside.session import ServerSideSession
 from tests.conftest import build_app
 
 MALFORMED_COOKIES = [
@@ -164,6 +165,29 @@ class TestContract:
         calls = app.backend.calls  # type: ignore[attr-defined]
         assert calls["save"] == 0 and calls["touch"] == 0 and calls["lock"] == 0
         assert calls["load"] == 1
+
+    def test_read_only_request_skips_the_general_save(
+        self, app: Flask, client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A request that only read (a nested value too) keeps its record
+        without building the :class:`Changes` a write needs; one that
+        changed a nested value still goes through it."""
+        start_session(client, a="1")
+        client.get("/append/items/x")
+        built: list[bool] = []
+        real = ServerSideSession.changes
+
+        def counting(session: ServerSideSession) -> t.Any:
+            built.append(True)
+            return real(session)
+
+        monkeypatch.setattr(ServerSideSession, "changes", counting)
+        response = client.get("/get/items")
+        assert response.json == ["x"] and session_cookie(response) is not None
+        assert built == []
+        client.get("/append/items/y")
+        assert built == [True]
+        assert client.get("/dump").json == {"a": "1", "items": ["x", "y"]}
 
     def test_plain_write_is_one_step_where_the_store_can(
         self, app: Flask, client: FlaskClient, backend_name: str
