@@ -56,12 +56,18 @@ CONTENT: dict[str, t.Any] = {"user": "ada", "user_id": 42, "cart": ["tea", "mug"
 NOTES = [f"note {i:05d}: " + "lorem ipsum dolor sit amet " * 2 for i in range(1000)]
 
 KINDS = ("bare", "floor", "ours", "cookie", "flask-session")
-BACKENDS = ("filesystem", "sqlite", "postgres", "postgres3", "redis", "memcached")
+BACKENDS = ("filesystem", "sqlite", "postgres", "postgres3", "postgres3p", "redis", "memcached")
+#: The stores on SQLAlchemy.
+SQL_STORES = ("sqlite", "postgres", "postgres3", "postgres3p")
+#: What ``postgres3p`` adds to the URL of ours: psycopg 3 prepares the
+#: statements itself, at the protocol level (not behind PgBouncer < 1.21).
+PREPARED = "?prepare_threshold=5"
 LABELS = {
     "filesystem": "filesystem",
     "sqlite": "SQLite",
     "postgres": "PG/psycopg2",
     "postgres3": "PG/psycopg3",
+    "postgres3p": "PG/pg3 prep",
     "redis": "Redis",
     "memcached": "Memcached",
 }
@@ -379,7 +385,7 @@ def start_store(name: str, tmp: pathlib.Path) -> Store:
     tmp.mkdir(parents=True, exist_ok=True)
     if name in ("filesystem", "sqlite"):
         return configure_store(name, tmp)
-    module = importlib.import_module(f"tests.servers.{name.rstrip('3')}")
+    module = importlib.import_module(f"tests.servers.{name.rstrip('3p')}")
     server: Server = module.start(tmp)
     try:
         if name == "redis":
@@ -391,7 +397,7 @@ def start_store(name: str, tmp: pathlib.Path) -> Store:
             admin.config_set("appendonly", "no")
             admin.close()
         url = server.url
-        if name == "postgres3":
+        if name in ("postgres3", "postgres3p"):
             import psycopg  # noqa: F401  (skip the store with a clear error)
 
             url = url.replace("+psycopg2://", "+psycopg://")
@@ -420,11 +426,13 @@ def configure_store(name: str, tmp: pathlib.Path, url: str | None = None) -> Sto
         # One database file for both: the same store.
         url = f"sqlite:///{tmp}/sessions.sqlite3"
     assert url is not None
-    if name in ("sqlite", "postgres", "postgres3"):
-        sql_url = url
+    if name in SQL_STORES:
+        # The others take the URL without ours' options.
+        sql_url = url.partition("?")[0]
+        ours_url = sql_url + PREPARED if name == "postgres3p" else url
         return Store(
             name,
-            ours={"SESSION_BACKEND": "sqlalchemy", "SESSION_SQLALCHEMY_URL": url},
+            ours={"SESSION_BACKEND": "sqlalchemy", "SESSION_SQLALCHEMY_URL": ours_url},
             flask_session=lambda: {
                 "SESSION_TYPE": "sqlalchemy",
                 "SESSION_SQLALCHEMY_TABLE": "flask_sessions",

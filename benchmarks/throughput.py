@@ -45,7 +45,6 @@ from tests.servers import wait_for_port  # noqa: E402
 #: The request shapes: the path and the body every answer must have.
 SHAPES = {"read": ("/read", b"ada:42:3"), "write": ("/write", b"ok")}
 SOCKET_ERRORS = r"Socket errors: connect (\d+), read \d+, write (\d+), timeout (\d+)"
-SQL_STORES = ("sqlite", "postgres", "postgres3")
 
 #: wrk's request function: one request after the other over the sessions'
 #: cookies (wrk ... URL -- PATH COOKIE...).
@@ -191,7 +190,7 @@ def prepare(store: apps.Store, tmp: pathlib.Path, floor: App, sessions: int) -> 
     for i in range(sessions):
         records.setup(f"floor-v{i}", data)
         floor.cookies.append(f"{apps.COOKIE_NAME}=v{i}")
-    if store.name not in SQL_STORES:
+    if store.name not in apps.SQL_STORES:
         return
     app = apps.make_app("flask-session", store, tmp / "instance-prepare")
     with app.app_context():

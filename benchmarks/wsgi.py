@@ -3,8 +3,8 @@
 Configured by environment variables: ``BENCH_KIND`` (``cookie``, ``ours``,
 ``flask-session`` or ``floor``: :class:`SessionFloor`), ``BENCH_STORE``
 (one of :data:`benchmarks.apps.BACKENDS`:
-``filesystem``, ``sqlite``, ``postgres``, ``postgres3``, ``redis``,
-``memcached``), ``BENCH_TMP`` (a directory for files, the SQLite database
+``filesystem``, ``sqlite``, ``postgres``, ``postgres3``, ``postgres3p``,
+``redis``, ``memcached``), ``BENCH_TMP`` (a directory for files, the SQLite database
 and the app's instance folder) and ``BENCH_URL`` (the store's URL for the
 servers: SQLAlchemy's, ``postgresql+psycopg://`` for psycopg 3, or
 ``redis://`` / ``memcached://``; empty for files and SQLite).

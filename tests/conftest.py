@@ -27,6 +27,7 @@ BACKENDS = ["filesystem", "sqlite", "postgres", "simple", "redis", "memcached"]
 #: ``test_deployments.py``, not on every contract test.
 POSTGRES_VARIANTS = {
     "postgres-psycopg": ("postgres_server", "url_psycopg"),
+    "postgres-psycopg-prepared": ("postgres_server", "url_psycopg_prepared"),
     "pgbouncer-psycopg2": ("pgbouncer_server", "url"),
     "pgbouncer-psycopg": ("pgbouncer_server", "url_psycopg"),
 }

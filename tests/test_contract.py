@@ -52,6 +52,7 @@ ONE_STEP_WRITES = {
     "memcached",
     # PostgreSQL by other ways (tests/test_deployments.py)
     "postgres-psycopg",
+    "postgres-psycopg-prepared",
     "pgbouncer-psycopg2",
     "pgbouncer-psycopg",
     # Redis deployments (tests/test_redis_ha.py)

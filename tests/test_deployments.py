@@ -2,10 +2,11 @@
 contract class of ``test_contract.py`` and the seam class of
 ``test_backends.py`` again, on PostgreSQL through
 PgBouncer in transaction mode (psycopg2 and psycopg 3) and on PostgreSQL
-with psycopg 3 directly.
+with psycopg 3 directly (preparing statements itself, as the URL allows,
+or not).
 
 These are not in ``conftest.BACKENDS``, so every other test does not run
-three more times; the names and their URLs are in
+four more times; the names and their URLs are in
 ``conftest.POSTGRES_VARIANTS``.
 """
 
@@ -33,7 +34,12 @@ from tests.test_contract import client  # noqa: F401 (fixtures of the classes)
 from tests.test_contract import recorded  # noqa: F401
 
 #: The store names this module runs the contract on.
-DEPLOYMENTS = ["postgres-psycopg", "pgbouncer-psycopg2", "pgbouncer-psycopg"]
+DEPLOYMENTS = [
+    "postgres-psycopg",
+    "postgres-psycopg-prepared",
+    "pgbouncer-psycopg2",
+    "pgbouncer-psycopg",
+]
 
 
 @pytest.fixture(params=DEPLOYMENTS)

@@ -958,3 +958,43 @@ def test_psycopg3_prepared_statements_lost_by_a_pooler(
     assert backend.replace("session:a", b"x", b"y", later()) is True
     assert backend.load("session:a") == (b"y", pytest.approx(later(), abs=5))
     assert prepared_statements(backend) == []
+
+
+@pytest.mark.parametrize(("query", "threshold"), [("5", 5), ("0", 0), ("none", None), ("", None)])
+def test_psycopg3_url_sets_prepare_threshold(
+    psycopg_url: str, query: str, threshold: int | None
+) -> None:
+    """``prepare_threshold`` in the URL reaches psycopg 3 as the number (or
+    ``None``) it stands for, not as the string libpq would reject."""
+    backend = SQLAlchemyBackend(url=pg_url_with(psycopg_url, prepare_threshold=query))
+    conn = backend.engine.raw_connection()
+    try:
+        assert conn.driver_connection.prepare_threshold == threshold
+    finally:
+        conn.close()
+        backend.engine.dispose()
+
+
+@pytest.mark.parametrize("query", ["-1", "five", "1.5"])
+def test_psycopg3_url_rejects_a_bad_prepare_threshold(psycopg_url: str, query: str) -> None:
+    with pytest.raises(ValueError, match="prepare_threshold"):
+        SQLAlchemyBackend(url=pg_url_with(psycopg_url, prepare_threshold=query))
+
+
+def test_psycopg3_prepares_at_the_protocol_level_when_the_url_allows(
+    psycopg_url: str, make_backend: t.Callable[..., SQLAlchemyBackend]
+) -> None:
+    """With ``prepare_threshold`` set in the URL (no pooler that loses
+    protocol-level prepared statements), the read and the replace are
+    prepared by psycopg 3 itself, which binds their parameters on the server:
+    no ``PREPARE`` of the backend's own."""
+    backend = make_backend(url=pg_url_with(psycopg_url, prepare_threshold="5"))
+    backend.save("session:a", b"x", later())
+    assert backend.load("session:a") == (b"x", pytest.approx(later(), abs=5))
+    assert backend.load("session:missing") is None
+    assert backend.replace("session:a", b"x", b"y", later()) is True
+    assert backend.replace("session:a", b"x", b"z", later()) is False
+    assert backend.replace("session:missing", b"x", b"z", later()) is False
+    assert backend.load("session:a") == (b"y", pytest.approx(later(), abs=5))
+    names = prepared_statements(backend)
+    assert names and all(name.startswith("_pg3_") for name in names)

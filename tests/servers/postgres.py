@@ -55,6 +55,12 @@ class PostgresServer(Server):
         """:attr:`url` for psycopg 3 instead of psycopg2."""
         return self.url.replace("+psycopg2://", "+psycopg://", 1)
 
+    @property
+    def url_psycopg_prepared(self) -> str:
+        """:attr:`url_psycopg`, letting psycopg 3 prepare every statement
+        (at the protocol level) from its first run."""
+        return self.url_psycopg + "?prepare_threshold=0"
+
     def start_again(self) -> None:
         super().start_again()
         wait_until_ready(self)

@@ -80,7 +80,10 @@ class Driver:
     psycopg2 does: it sends ``PREPARE`` and the first ``EXECUTE`` in one
     message, under a name of the statement's own (psycopg 3's protocol-level
     prepared statements are named ``_pg3_0``, ... in every connection, which
-    behind PgBouncer may stand for another client's statement).
+    behind PgBouncer may stand for another client's statement). Unless the
+    connection lets psycopg 3 prepare statements itself (its
+    ``prepare_threshold`` is a number, set in the URL): then it does, and
+    binds the parameters on the server, which costs less.
 
     :param engine: The backend's engine, on psycopg2 or psycopg 3.
     """
@@ -122,7 +125,9 @@ class Driver:
         assert isinstance(statement, DriverStatement)
         conn = _checkout(self.engine)
         prepared: set[str] = conn.info.setdefault("flask_serverside_prepared", set())
-        sql = self._sql(statement, prepared)
+        protocol = self._psycopg3 and self._prepare
+        protocol = protocol and conn.driver_connection.prepare_threshold is not None
+        sql = statement.plain if protocol else self._sql(statement, prepared)
 
         if sql is statement.plain:
             args: t.Any = params
@@ -130,8 +135,11 @@ class Driver:
             args = tuple([params[name] for name in statement.order])
 
         try:
-            cursor = self._cursor(conn)
-            cursor.execute(sql, args)
+            cursor = self._cursor(conn, protocol)
+            if protocol:
+                cursor.execute(sql, args, prepare=True)
+            else:
+                cursor.execute(sql, args)
             # With PREPARE, psycopg 3 starts at the result of PREPARE,
             # psycopg2 keeps only the last one.
             several = sql is not statement.execute and sql is not statement.plain
@@ -154,18 +162,22 @@ class Driver:
 
         return True, result
 
-    def _cursor(self, conn: t.Any) -> t.Any:
+    def _cursor(self, conn: t.Any, protocol: bool) -> t.Any:
+        """A cursor of ``conn``: on psycopg 3, the one kept for it, binding
+        parameters on the server if ``protocol``, else on the client."""
         if self._client_cursor is None:
             return conn.cursor()
 
         # One psycopg 3 cursor per connection (the pool clears ``info`` when
         # it reconnects): with a new one each time, a read on the driver's
         # connection took 1.7 times psycopg2's; with one kept, 1.1 to 1.2.
-        cursor = conn.info.get("flask_serverside_cursor")
+        name = "flask_serverside_cursor" + ("_protocol" if protocol else "")
+        cursor = conn.info.get(name)
 
         if cursor is None or cursor.connection is not conn.driver_connection:
-            cursor = self._client_cursor(conn.driver_connection)
-            conn.info["flask_serverside_cursor"] = cursor
+            driver = conn.driver_connection
+            cursor = driver.cursor() if protocol else self._client_cursor(driver)
+            conn.info[name] = cursor
 
         return cursor
 

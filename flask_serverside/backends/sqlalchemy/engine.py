@@ -21,8 +21,11 @@ def create_engine(url: str) -> sa.Engine:
     Its driver connections are in autocommit mode: each statement outside
     :meth:`SQLAlchemyBackend.lock` stands alone, without BEGIN and COMMIT
     round trips, and ``lock()`` begins its transaction in SQL. On psycopg 3
-    they never prepare statements on their own (``prepare_threshold=None``,
-    unless the URL sets it). Connecting happens on first use, not here.
+    they never prepare statements on their own (``prepare_threshold=None``),
+    unless the URL's ``prepare_threshold`` sets a number of runs. Connecting
+    happens on first use, not here.
+
+    :raises ValueError: The URL's ``prepare_threshold`` is not a number.
     """
     parsed = sa.make_url(url)
 
@@ -45,13 +48,15 @@ def create_engine(url: str) -> sa.Engine:
     if parsed.get_driver_name() in {"psycopg2", "psycopg"}:
         connect_args = _timeout(parsed, "connect_timeout", _CONNECT_TIMEOUT)
 
-    if parsed.get_driver_name() == "psycopg" and "prepare_threshold" not in parsed.query:
+    if parsed.get_driver_name() == "psycopg":
         # psycopg 3 prepares a statement on its 5th run, under names that
         # are the same in every connection (_pg3_0, ...): behind PgBouncer in
         # transaction mode, a later run lands on a server connection without
-        # it, or where another client prepared that name. The backend
-        # prepares the statements of every request itself (see .driver).
-        connect_args["prepare_threshold"] = None
+        # it, or where another client prepared that name. Unless the URL
+        # allows it, the backend prepares the statements of every request
+        # itself (see .driver).
+        connect_args["prepare_threshold"] = _prepare_threshold(parsed)
+        parsed = parsed.difference_update_query(["prepare_threshold"])
 
     return sa.create_engine(parsed, isolation_level="AUTOCOMMIT", connect_args=connect_args)
 
@@ -66,6 +71,28 @@ def lock_isolation(dialect: sa.Dialect) -> str:
     ``"SERIALIZABLE"`` is its plain transaction mode.
     """
     return "SERIALIZABLE" if dialect.name == "sqlite" else "READ COMMITTED"
+
+
+def _prepare_threshold(url: sa.URL) -> int | None:
+    """psycopg 3's ``prepare_threshold`` as the URL gives it (a number of
+    runs), or ``None`` (never prepare) if it gives none.
+
+    :raises ValueError: The URL's value is not a number of runs.
+    """
+    value = url.query.get("prepare_threshold", "none")
+
+    if value in ("", "none", "None"):
+        return None
+
+    if not isinstance(value, str) or not value.isdigit():
+        raise ValueError(
+            f"prepare_threshold={value!r} in the SQLAlchemy URL: give the number"
+            " of runs after which psycopg 3 prepares a statement (such as 5),"
+            " or 'none' to never prepare (behind PgBouncer before 1.21 in"
+            " transaction mode)."
+        )
+
+    return int(value)
 
 
 def _timeout(url: sa.URL, name: str, seconds: int) -> dict[str, t.Any]:
