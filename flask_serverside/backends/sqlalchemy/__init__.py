@@ -133,8 +133,8 @@ class SQLAlchemyBackend(Backend):
 
         self._start()
         if self._sql.driver_select is not None and section.conn is None:
-            params = {"key": key, "now": utc_now()}
-            found, row = self._driver.run(self._sql.driver_select, params)
+            # By key alone: an expired row comes back, for the store to skip.
+            found, row = self._driver.run(self._sql.driver_select, {"key": key})
             if found:
                 return record(row)
 
