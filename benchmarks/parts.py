@@ -14,6 +14,7 @@ import statistics
 import sys
 import time
 import typing as t
+import zlib
 from datetime import datetime
 from datetime import timezone
 
@@ -58,6 +59,9 @@ def main() -> None:
         ("tagged JSON dumps, 64 KB session", lambda: json.dumps(big)),
         ("tagged JSON loads, 64 KB session", lambda: json.loads(big_raw)),
         ("bytes == bytes, 64 KB", lambda: big_raw == bytes(big_raw)),
+        ("zlib.crc32 of 64 KB (filesystem slot check)", lambda: zlib.crc32(big_raw)),
+        ("zlib.adler32 of 64 KB", lambda: zlib.adler32(big_raw)),
+        ("hashlib.sha1 of 64 KB", lambda: hashlib.sha1(big_raw).digest()),
         ("ids.storage_key (sha256 of the ID)", lambda: ids.storage_key("s:", sid)),
         ("ids.is_valid (regex)", lambda: ids.is_valid(sid)),
         ("ids.sign (SESSION_SIGN_ID)", lambda: ids.sign(sid, [apps.SECRET_KEY])),
