@@ -1000,10 +1000,17 @@ def test_psycopg3_url_sets_prepare_threshold(
         backend.engine.dispose()
 
 
-@pytest.mark.parametrize("query", ["-1", "five", "1.5"])
+@pytest.mark.parametrize("query", ["-1", "five", "1.5", "\u00b2", "NONE"])
 def test_psycopg3_url_rejects_a_bad_prepare_threshold(psycopg_url: str, query: str) -> None:
-    with pytest.raises(ValueError, match="prepare_threshold"):
+    with pytest.raises(ValueError, match="prepare_threshold=.* number of runs"):
         SQLAlchemyBackend(url=pg_url_with(psycopg_url, prepare_threshold=query))
+
+
+def test_prepare_threshold_is_refused_on_other_drivers(postgres_url: str) -> None:
+    """psycopg2 would refuse the option on every connection (an invalid DSN,
+    a 500 per request): it is refused when the app starts instead."""
+    with pytest.raises(ValueError, match="prepare_threshold is an option of psycopg 3"):
+        SQLAlchemyBackend(url=pg_url_with(postgres_url, prepare_threshold="5"))
 
 
 def test_psycopg3_prepares_at_the_protocol_level_when_the_url_allows(

@@ -25,7 +25,8 @@ def create_engine(url: str) -> sa.Engine:
     unless the URL's ``prepare_threshold`` sets a number of runs. Connecting
     happens on first use, not here.
 
-    :raises ValueError: The URL's ``prepare_threshold`` is not a number.
+    :raises ValueError: The URL's ``prepare_threshold`` is not a number, or
+        its driver is not psycopg 3.
     """
     parsed = sa.make_url(url)
 
@@ -43,22 +44,38 @@ def create_engine(url: str) -> sa.Engine:
         sa.event.listen(engine, "connect", _configure_sqlite)
         return engine
 
-    connect_args: dict[str, t.Any] = {}
+    parsed, connect_args = _connect_args(parsed)
+    return sa.create_engine(parsed, isolation_level="AUTOCOMMIT", connect_args=connect_args)
 
-    if parsed.get_driver_name() in {"psycopg2", "psycopg"}:
-        connect_args = _timeout(parsed, "connect_timeout", _CONNECT_TIMEOUT)
 
-    if parsed.get_driver_name() == "psycopg":
+def _connect_args(url: sa.URL) -> tuple[sa.URL, dict[str, t.Any]]:
+    """The URL to connect to a server with, and the driver arguments the
+    engine adds: a connect timeout and, on psycopg 3, ``prepare_threshold``
+    (taken out of the URL, where it would be a string)."""
+    driver = url.get_driver_name()
+
+    if "prepare_threshold" in url.query and driver != "psycopg":
+        raise ValueError(
+            "prepare_threshold is an option of psycopg 3 (postgresql+psycopg://),"
+            f" not of {driver}: remove it from the SQLAlchemy URL."
+        )
+
+    if driver not in {"psycopg2", "psycopg"}:
+        return url, {}
+
+    connect_args = _timeout(url, "connect_timeout", _CONNECT_TIMEOUT)
+
+    if driver == "psycopg":
         # psycopg 3 prepares a statement on its 5th run, under names that
         # are the same in every connection (_pg3_0, ...): behind PgBouncer in
         # transaction mode, a later run lands on a server connection without
         # it, or where another client prepared that name. Unless the URL
         # allows it, the backend prepares the statements of every request
         # itself (see .driver).
-        connect_args["prepare_threshold"] = _prepare_threshold(parsed)
-        parsed = parsed.difference_update_query(["prepare_threshold"])
+        connect_args["prepare_threshold"] = _prepare_threshold(url)
+        url = url.difference_update_query(["prepare_threshold"])
 
-    return sa.create_engine(parsed, isolation_level="AUTOCOMMIT", connect_args=connect_args)
+    return url, connect_args
 
 
 def lock_isolation(dialect: sa.Dialect) -> str:
@@ -84,7 +101,7 @@ def _prepare_threshold(url: sa.URL) -> int | None:
     if value in ("", "none", "None"):
         return None
 
-    if not isinstance(value, str) or not value.isdigit():
+    if not isinstance(value, str) or not (value.isascii() and value.isdigit()):
         raise ValueError(
             f"prepare_threshold={value!r} in the SQLAlchemy URL: give the number"
             " of runs after which psycopg 3 prepares a statement (such as 5),"
