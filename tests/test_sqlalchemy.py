@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import pathlib
 import stat
@@ -1030,3 +1031,26 @@ def test_psycopg3_prepares_at_the_protocol_level_when_the_url_allows(
     assert backend.load("session:a") == (b"y", pytest.approx(later(), abs=5))
     names = prepared_statements(backend)
     assert names and all(name.startswith("_pg3_") for name in names)
+
+
+@pytest.mark.parametrize("expires", ["garbage", "0000-garbage", "2099-13-45 99:99:99"])
+def test_sqlite_row_with_an_unreadable_expiry_is_no_record(
+    tmp_path: pathlib.Path,
+    make_backend: t.Callable[..., SQLAlchemyBackend],
+    caplog: pytest.LogCaptureFixture,
+    expires: str,
+) -> None:
+    """SQLite keeps any text in the expiry column; a row written there by
+    hand with text that is no time reads as no record (the store's session
+    is then missing, as with a corrupt record), with a warning, not a 500."""
+    backend = make_backend(url=sqlite_url(tmp_path))
+    backend.save("session:a", b"x", later())
+    with backend.engine.begin() as conn:
+        conn.execute(
+            sa.update(backend.table).values(expires=sa.literal_column(f"'{expires}'"))
+        )
+    with caplog.at_level(logging.WARNING, "flask_serverside"):
+        assert backend.load("session:a") is None
+        with backend.lock("session:a"):
+            assert backend.load("session:a") is None
+    assert any("cannot be read" in r.getMessage() for r in caplog.records)

@@ -12,6 +12,7 @@ path of PostgreSQL and SQLite).
 
 from __future__ import annotations
 
+import logging
 import threading
 import typing as t
 from contextlib import contextmanager
@@ -32,6 +33,8 @@ from .schema import record
 from .schema import Statements
 from .schema import write_row
 from .sections import Connections
+
+logger = logging.getLogger("flask_serverside")
 
 __all__ = ["SQLAlchemyBackend", "make_table"]
 
@@ -123,6 +126,15 @@ class SQLAlchemyBackend(Backend):
         self._prefix = prefix
 
     def load(self, key: str) -> Record | None:
+        try:
+            return self._load(key)
+        except ValueError as exc:
+            # SQLite keeps any text in the expiry column, and SQLAlchemy's
+            # row conversion raises on text that is no time.
+            logger.warning("Session record %r cannot be read (%s); ignoring it.", key, exc)
+            return None
+
+    def _load(self, key: str) -> Record | None:
         section = self._connections.section
 
         if section.prefetched is not None and section.conn is not None:
