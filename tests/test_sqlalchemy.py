@@ -1007,6 +1007,12 @@ def test_psycopg3_url_rejects_a_bad_prepare_threshold(psycopg_url: str, query: s
         SQLAlchemyBackend(url=pg_url_with(psycopg_url, prepare_threshold=query))
 
 
+def test_psycopg3_url_rejects_a_repeated_prepare_threshold(psycopg_url: str) -> None:
+    url = sa.make_url(psycopg_url).update_query_dict({"prepare_threshold": ["5", "6"]})
+    with pytest.raises(ValueError, match=r"prepare_threshold=\('5', '6'\)"):
+        SQLAlchemyBackend(url=url.render_as_string(False))
+
+
 def test_prepare_threshold_is_refused_on_other_drivers(postgres_url: str) -> None:
     """psycopg2 would refuse the option on every connection (an invalid DSN,
     a 500 per request): it is refused when the app starts instead."""
