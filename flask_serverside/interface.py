@@ -276,9 +276,10 @@ def _request_cookie(request: Request, name: str) -> str | None:
 
 
 def _only_read(session: ServerSideSession) -> bool:
-    """Whether the request only read its stored session: saving it needs
-    none of :meth:`.SessionStore.save`'s work (issue 16)."""
-    return session.stored is not None and session.renewal is None and session.unchanged()
+    """Whether the request only read its stored session (a renewal at load
+    moved it already): saving it needs none of :meth:`.SessionStore.save`'s
+    work (issue 16)."""
+    return session.stored is not None and session.unchanged()
 
 
 def _vary_on_cookie(response: Response) -> None:

@@ -156,13 +156,13 @@ def _save(store: SessionStore, changes: Changes, lifetime: float) -> Saved:
     loaded = changes.loaded
     if loaded is None:
         return Saved(_create(store, changes, lifetime))
-    sid = changes.regenerated_from or changes.sid
-    if store.clocks is not None and renewal.ended(store, loaded.meta, sid, store.clocks):
-        return Saved(Outcome.DROPPED)
     same_record = changes.regenerated_from is None and changes.new_created is None
     if same_record and changes.unchanged():
         # Nothing assigned and no handed-out value changed: no encoding.
-        return Saved(_touch(store, sid, loaded, changes.loaded_at, lifetime))
+        return keep(store, changes.sid, loaded, changes.loaded_at, lifetime)
+    sid = changes.regenerated_from or changes.sid
+    if store.clocks is not None and renewal.ended(store, loaded.meta, sid, store.clocks):
+        return Saved(Outcome.DROPPED)
     raw = store.serializer.dumps(changes.data)
     if same_record and raw == loaded.raw:
         return Saved(_touch(store, sid, loaded, changes.loaded_at, lifetime))

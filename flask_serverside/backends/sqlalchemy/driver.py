@@ -125,8 +125,9 @@ class Driver:
         assert isinstance(statement, DriverStatement)
         conn = _checkout(self.engine)
         prepared: set[str] = conn.info.setdefault("flask_serverside_prepared", set())
-        protocol = self._psycopg3 and self._prepare
-        protocol = protocol and conn.driver_connection.prepare_threshold is not None
+        # psycopg 3 prepares itself where the URL lets it (prepare_threshold).
+        threshold = conn.driver_connection.prepare_threshold if self._psycopg3 else None
+        protocol = self._prepare and threshold is not None
         sql = statement.plain if protocol else self._sql(statement, prepared)
 
         if sql is statement.plain:
