@@ -1,8 +1,13 @@
 """The distributed set-ups of ``tests/servers`` come up and serve a plain
-redis-py client: the infrastructure the cluster and sentinel tests build on."""
+redis-py client: the infrastructure the cluster and sentinel tests build on;
+and a server never outlives the test run that started it."""
 
 from __future__ import annotations
 
+import pathlib
+import subprocess
+import sys
+import time
 import uuid
 
 import pytest
@@ -12,6 +17,8 @@ from redis.sentinel import Sentinel
 
 from tests.servers.redis_cluster import RedisCluster as ClusterSetup
 from tests.servers.redis_sentinel import RedisSentinel
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_cluster_has_three_primaries_with_a_replica_each(
@@ -70,3 +77,46 @@ def test_sentinels_name_the_primary_and_serve_it(redis_sentinel_server: RedisSen
         primary.close()
     hosts = ",".join(f"127.0.0.1:{port}" for port in redis_sentinel_server.sentinel_ports)
     assert redis_sentinel_server.url == f"redis+sentinel://{hosts}/mymaster/0"
+
+
+@pytest.mark.parametrize("name", ["redis", "memcached"])
+def test_a_killed_test_run_leaves_no_server_behind(
+    name: str, tmp_path: pathlib.Path, request: pytest.FixtureRequest
+) -> None:
+    """A process that started a server and is then SIGKILLed (a CI run cut
+    off by its time limit) takes the server down with it."""
+    script = (
+        "import pathlib, time\n"
+        f"from tests.servers import ServerNotFound, {name}\n"
+        "try:\n"
+        f"    server = {name}.start(pathlib.Path({str(tmp_path)!r}))\n"
+        "except ServerNotFound as exc:\n"
+        "    print('missing', exc, flush=True)\n"
+        "    raise SystemExit\n"
+        "print(server.proc.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    ) as parent:
+        assert parent.stdout is not None
+        line = parent.stdout.readline()
+        parent.kill()
+    if line.startswith("missing"):
+        if request.config.getoption("--require-servers"):
+            pytest.fail(f"{name} is required (CI or --require-servers): {line}")
+        pytest.skip(line)
+    pid = int(line)
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, ended but not reaped, does not)."""
+    try:
+        state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"

@@ -8,14 +8,21 @@ servers are required (``--require-servers``, set in CI).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field
+
+_PR_SET_PDEATHSIG = 1
+# Loaded here: loading a library in a forked child can deadlock.
+_LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
 
 
 class ServerNotFound(Exception):
@@ -98,9 +105,30 @@ class Server:
         os.kill(self.proc.pid, signal.SIGCONT)
 
 
+def stop_with_parent(stop_signal: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that asks Linux to send the server ``stop_signal``
+    when the process that started it dies, so that a test run killed or
+    crashed leaves no server behind.
+
+    It runs in the child after ``Popen`` switched its user (``user=``),
+    which would clear the setting if made before.
+    """
+
+    def preexec() -> None:
+        if _LIBC is not None:
+            _LIBC.prctl(_PR_SET_PDEATHSIG, stop_signal)
+
+    return preexec
+
+
 def launch(url: str, port: int, args: list[str]) -> Server:
-    """Start ``args`` as a quiet server listening on ``port``; wait for it."""
-    kwargs: dict[str, object] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    """Start ``args`` as a quiet server listening on ``port``; wait for it.
+    It stops with the test process, however that ends."""
+    kwargs: dict[str, object] = {
+        "stdout": subprocess.DEVNULL,
+        "stderr": subprocess.DEVNULL,
+        "preexec_fn": stop_with_parent(signal.SIGTERM),
+    }
     server = Server(
         url=url,
         port=port,

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from . import find_binary
 from . import free_port
 from . import Server
+from . import stop_with_parent
 from . import wait_for_port
 from .postgres import _base_dir
-from .postgres import _LIBC
-from .postgres import _PR_SET_PDEATHSIG
 from .postgres import _system_user
 from .postgres import PASSWORD
 from .postgres import PostgresServer
@@ -63,7 +62,7 @@ def start(
         "cwd": base,
         "stdout": subprocess.DEVNULL,
         "stderr": subprocess.DEVNULL,
-        "preexec_fn": _stop_with_parent,
+        "preexec_fn": stop_with_parent(signal.SIGTERM),
     }
     args = [binary, str(config)]
     server = PgBouncerServer(
@@ -121,7 +120,3 @@ def _ids(user: str) -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
-def _stop_with_parent() -> None:
-    """Ask Linux to end PgBouncer when the process that started it dies."""
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)

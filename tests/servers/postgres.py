@@ -9,7 +9,6 @@ cannot enter pytest's private ones).
 from __future__ import annotations
 
 import atexit
-import ctypes
 import glob
 import os
 import pathlib
@@ -17,7 +16,6 @@ import pwd
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from . import find_binary
 from . import free_port
 from . import Server
 from . import ServerNotFound
+from . import stop_with_parent
 from . import wait_for_port
 
 #: The system user that runs PostgreSQL when the tests run as root.
@@ -35,9 +34,6 @@ SYSTEM_USER = "postgres"
 #: the only ones, must give it).
 PASSWORD = "test-password"
 
-_PR_SET_PDEATHSIG = 1
-# Loaded here: loading a library in a forked child can deadlock.
-_LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
 
 
 @dataclass
@@ -98,7 +94,8 @@ def start(tmp_dir: pathlib.Path) -> PostgresServer:
         "cwd": data,
         "stdout": subprocess.DEVNULL,
         "stderr": subprocess.DEVNULL,
-        "preexec_fn": _stop_with_parent,
+        # Fast shutdown: SIGTERM waits for clients to disconnect.
+        "preexec_fn": stop_with_parent(signal.SIGINT),
     }
     server = PostgresServer(
         url=f"postgresql+psycopg2://postgres:{PASSWORD}@127.0.0.1:{port}/postgres",
@@ -189,11 +186,3 @@ def _initdb(bin_dir: str, base: str, user: str | None) -> None:
         raise RuntimeError(f"initdb failed:\n{result.stdout}{result.stderr}")
 
 
-def _stop_with_parent() -> None:
-    """Ask Linux to send the server SIGINT (fast shutdown) when the process
-    that started it dies, so a crashed test run leaves no server behind.
-
-    Runs in the child after it switched user, which would clear the setting.
-    """
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGINT)
