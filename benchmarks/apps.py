@@ -1,11 +1,13 @@
 """The apps under test and the stores they run on.
 
-Five apps serve the same views with the same session content:
+Six apps serve the same views with the same session content:
 
 - ``bare``: no session machinery at all, a :class:`BareInterface` that hands
   out a dict with the content and saves nothing;
 - ``floor``: bare plus the store's minimum work for the request, through the
   same client library as ours (:class:`FloorInterface`);
+- ``least``: the least work any session layer with ours' guarantees must
+  do on top of the floor, written inline (:mod:`benchmarks.least`);
 - ``cookie``: Flask's own signed-cookie session (no store);
 - ``ours``: flask_serverside, with its defaults (tagged JSON, lazy loading);
 - ``flask-session``: Flask-Session 0.8 with its defaults (msgpack, a store
@@ -55,7 +57,7 @@ CONTENT: dict[str, t.Any] = {"user": "ada", "user_id": 42, "cart": ["tea", "mug"
 #: A 64 KB session: the content plus notes (for the read-one-scalar row).
 NOTES = [f"note {i:05d}: " + "lorem ipsum dolor sit amet " * 2 for i in range(1000)]
 
-KINDS = ("bare", "floor", "ours", "cookie", "flask-session")
+KINDS = ("bare", "floor", "least", "ours", "cookie", "flask-session")
 BACKENDS = ("filesystem", "sqlite", "postgres", "postgres3", "postgres3p", "redis", "memcached")
 #: The stores on SQLAlchemy.
 SQL_STORES = ("sqlite", "postgres", "postgres3", "postgres3p")
@@ -365,6 +367,11 @@ def make_app(
         if floor_data is None:
             floor_data = json.dumps({**CONTENT, "_permanent": True}).encode()
         return bare_app(instance, FloorInterface(store.floor(), floor_data))
+    if kind == "least":
+        from .least import LeastInterface
+
+        assert store.floor is not None
+        return bare_app(instance, LeastInterface(store.floor()))
     if kind == "cookie":
         return cookie_app(instance)
     if kind == "cookie-np":

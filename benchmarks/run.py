@@ -2,7 +2,7 @@
 
 For each store (filesystem, SQLite, PostgreSQL with psycopg2 and with
 psycopg 3, Redis, Memcached) and each request shape (a request that leaves
-the session untouched, one that reads it, one that writes a key), five apps
+the session untouched, one that reads it, one that writes a key), six apps
 are called directly as WSGI apps with a prebuilt environ carrying the
 session cookie each got from a first request:
 
@@ -10,6 +10,9 @@ session cookie each got from a first request:
   interface that hands out a dict and saves nothing);
 - floor: bare plus the store's minimum work through the same client (one
   read for a read; one read and one write for a write);
+- least: the floor plus the least work a session layer with ours'
+  guarantees must do (``benchmarks/least.py``): what no implementation can
+  go below;
 - ours, Flask's cookie session (permanent) and Flask-Session 0.8.
 
 They take turns in rounds; the table shows each one's median cost per
@@ -77,6 +80,7 @@ class Row:
     cost: dict[str, float]
     ours_bare: float  # ours / bare
     own: float  # (ours - floor) / bare
+    least_own: float  # (least - floor) / bare: the least any session layer adds
     fs_ours: float | None  # flask-session / ours
     limit: float | None = None  # the highest allowed `own` (or ours/bare)
     fs_ok: bool | None = None
@@ -93,8 +97,9 @@ def verdict(ok: bool | None) -> str:
 
 
 HEADER = (
-    f"{'store':<11} {'request':<9} {'bare':>6} {'floor':>6} {'ours':>6} {'cookie':>6}"
-    f" {'f-s':>6}  {'ours/bare':>9} {'(ours-floor)/bare':>17}  {'target':<16}"
+    f"{'store':<11} {'request':<9} {'bare':>6} {'floor':>6} {'least':>6} {'ours':>6}"
+    f" {'cookie':>6} {'f-s':>6}  {'ours/bare':>9} {'(ours-floor)/bare':>17} {'least':>5}"
+    f"  {'target':<16}"
     f" {'f-s/ours':>8} {'':4}"
 )
 
@@ -107,8 +112,8 @@ def format_row(row: Row) -> str:
     fs = "" if row.fs_ours is None else f"{row.fs_ours:8.2f} {verdict(row.fs_ok):4}"
     return (
         f"{apps.LABELS[row.backend]:<11} {row.shape:<9} {us['bare']} {us['floor']}"
-        f" {us['ours']} {us['cookie']} {us.get('flask-session', '     -')}"
-        f"  {row.ours_bare:9.2f} {row.own:17.2f}  {target:<16} {fs}"
+        f" {us['least']} {us['ours']} {us['cookie']} {us.get('flask-session', '     -')}"
+        f"  {row.ours_bare:9.2f} {row.own:17.2f} {row.least_own:5.2f}  {target:<16} {fs}"
     ).rstrip()
 
 
@@ -194,6 +199,10 @@ def bench_store(store: apps.Store, tmp: pathlib.Path, args: argparse.Namespace) 
             per_round(
                 {k: samples[k] for k in ("ours", "floor", "bare")},
                 lambda ours, floor, bare: (ours - floor) / bare,
+            ),
+            per_round(
+                {k: samples[k] for k in ("least", "floor", "bare")},
+                lambda least, floor, bare: (least - floor) / bare,
             ),
             (
                 paired_ratio(samples["flask-session"], samples["ours"])
@@ -386,7 +395,9 @@ def main() -> None:
     print(describe(extra))
     print(
         f"Median µs per request over {args.rounds} interleaved rounds; ratios are medians"
-        " of the per-round ratios. own = (ours - floor) / bare.\n"
+        " of the per-round ratios. own = (ours - floor) / bare; least: the same for"
+        " benchmarks/least.py, the least work a session layer with ours' guarantees"
+        " does.\n"
     )
     print(HEADER)
     rows: list[Row] = []

@@ -1,7 +1,7 @@
 """The bench app for gunicorn (``benchmarks/throughput.py`` starts it).
 
 Configured by environment variables: ``BENCH_KIND`` (``cookie``, ``ours``,
-``flask-session`` or ``floor``: :class:`SessionFloor`), ``BENCH_STORE``
+``least``, ``flask-session`` or ``floor``: :class:`SessionFloor`), ``BENCH_STORE``
 (one of :data:`benchmarks.apps.BACKENDS`:
 ``filesystem``, ``sqlite``, ``postgres``, ``postgres3``, ``postgres3p``,
 ``redis``, ``memcached``), ``BENCH_TMP`` (a directory for files, the SQLite database
