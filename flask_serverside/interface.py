@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 import typing as t
@@ -12,10 +11,11 @@ from datetime import timedelta
 from datetime import timezone
 
 from flask.sessions import SessionInterface
-from werkzeug.http import dump_cookie
 
 from . import ids
 from . import signals
+from .cookies import CookieHeaders
+from .cookies import PLAIN_VALUE
 from .exceptions import BackendUnavailable
 from .saving import Outcome
 from .saving import Saved
@@ -31,11 +31,19 @@ if t.TYPE_CHECKING:
 
 logger = logging.getLogger("flask_serverside")
 
-#: Cookie values that werkzeug's ``dump_cookie`` sends as they are: IDs and
-#: signed IDs are always such.
-_PLAIN_VALUE = re.compile(r"[A-Za-z0-9_.-]+")
-#: Stands for the value in a cached ``Set-Cookie`` header.
-_MARK = "FlaskServerSideValue"
+#: The methods that make the session cookie: where a subclass overrides one,
+#: its cookie is always built through them.
+_COOKIE_HOOKS = (
+    "get_cookie_name",
+    "get_cookie_domain",
+    "get_cookie_path",
+    "get_cookie_secure",
+    "get_cookie_httponly",
+    "get_cookie_samesite",
+    "get_cookie_partitioned",
+    "get_expiration_time",
+    "cookie_value",
+)
 
 
 class ServerSideSessionInterface(SessionInterface):
@@ -68,10 +76,14 @@ class ServerSideSessionInterface(SessionInterface):
         self.cleanup_interval = cleanup_interval
         self._next_cleanup = 0.0
         self._cleanup_lock = threading.Lock()
-        #: ``Set-Cookie`` headers around the value, by name, expiry (to the
-        #: second, as sent) and attributes: building one is much of what a
-        #: read request costs, and they change once per second at most.
-        self._cookie_headers: dict[tuple[t.Any, ...], tuple[str, str]] = {}
+        self._cookie_headers = CookieHeaders()
+        #: Whether the cookie is Flask's (no hook overridden, no absolute
+        #: lifetime): a permanent one is then built from the settings alone.
+        absolute = store.clocks is not None and store.clocks.absolute is not None
+        self._flask_cookie = not absolute and all(
+            getattr(type(self), hook) is getattr(ServerSideSessionInterface, hook)
+            for hook in _COOKIE_HOOKS
+        )
 
     def _signing_keys(self, app: Flask) -> list[str | bytes] | None:
         if not self.sign_id:
@@ -181,6 +193,11 @@ class ServerSideSessionInterface(SessionInterface):
     def _set_session_cookie(
         self, app: Flask, session: ServerSideSession, response: Response
     ) -> None:
+        if self._flask_cookie and session.permanent:
+            header = self._cookie_headers.permanent(app.config, self.cookie_value(app, session.sid))
+            if header is not None:
+                response.headers.add("Set-Cookie", header)
+                return
         self._set_cookie(app, response, session.sid, self.get_expiration_time(app, session))
 
     def _set_cookie(
@@ -188,29 +205,11 @@ class ServerSideSessionInterface(SessionInterface):
     ) -> None:
         name, value = self.get_cookie_name(app), self.cookie_value(app, sid)
         options = self._cookie_options(app)
-        if _PLAIN_VALUE.fullmatch(value) is None or _MARK in name:
+        header = self._cookie_headers.header(name, value, expires, options)
+        if header is None:
             response.set_cookie(name, value, expires=expires, **options)
-            return
-        head, tail = self._cookie_header(name, expires, options)
-        response.headers.add("Set-Cookie", f"{head}{value}{tail}")
-
-    def _cookie_header(
-        self, name: str, expires: datetime | None, options: dict[str, t.Any]
-    ) -> tuple[str, str]:
-        """The ``Set-Cookie`` header werkzeug's ``dump_cookie`` builds for
-        these arguments, split around the value, from a small cache."""
-        # The header shows the expiry to the second.
-        second = None if expires is None else (int(expires.timestamp()), expires.tzinfo)
-        key = (name, second, *options.values())
-        found = self._cookie_headers.get(key)
-        if found is None:
-            header = dump_cookie(name, _MARK, expires=expires, **options)
-            head, _, tail = header.partition(_MARK)
-            found = (head, tail)
-            if len(self._cookie_headers) >= 64:
-                self._cookie_headers.clear()
-            self._cookie_headers[key] = found
-        return found
+        else:
+            response.headers.add("Set-Cookie", header)
 
     def _delete_cookie(self, app: Flask, response: Response) -> None:
         response.delete_cookie(self.get_cookie_name(app), **self._cookie_options(app))
@@ -269,7 +268,7 @@ def _request_cookie(request: Request, name: str) -> str | None:
         for part in header.split(";"):
             key, equals, value = part.strip().partition("=")
             if key == name:
-                if equals and _PLAIN_VALUE.fullmatch(value) is not None:
+                if equals and PLAIN_VALUE.fullmatch(value) is not None:
                     return value
                 break
     return request.cookies.get(name)

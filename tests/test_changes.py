@@ -25,6 +25,7 @@ from werkzeug.wrappers import Request
 from flask_serverside.changes import copy_value
 from flask_serverside.changes import same
 from flask_serverside.interface import _request_cookie
+from flask_serverside.interface import ServerSideSessionInterface
 from flask_serverside.serializers import JSONSerializer
 from tests.conftest import build_app
 from tests.test_contract import start_session
@@ -258,6 +259,8 @@ class TestRefreshedCookie:
             {"SESSION_COOKIE_DOMAIN": "example.org", "SESSION_COOKIE_PATH": "/app"},
             {"SESSION_COOKIE_HTTPONLY": False, "SESSION_COOKIE_PARTITIONED": True},
             {"SESSION_COOKIE_NAME": "other"},
+            {"APPLICATION_ROOT": "/root"},
+            {"PERMANENT_SESSION_LIFETIME": 60},
             {},
         ]
         for config in settings:
@@ -281,6 +284,36 @@ class TestRefreshedCookie:
                 )
             assert header == expected
             app.config.update(_defaults_of(config))
+
+    @pytest.mark.parametrize("hook", ["get_cookie_domain", "get_expiration_time"])
+    def test_a_subclass_hook_makes_the_cookie(self, tmp_path: t.Any, hook: str) -> None:
+        app = build_app(tmp_path, {})
+        base = app.session_interface
+        assert isinstance(base, ServerSideSessionInterface)
+        later = datetime.datetime(2100, 1, 1, tzinfo=datetime.timezone.utc)
+
+        class Custom(ServerSideSessionInterface):
+            def get_cookie_domain(self, app: Flask) -> str | None:
+                return "custom.example" if hook == "get_cookie_domain" else None
+
+            def get_expiration_time(self, app: Flask, session: t.Any) -> t.Any:
+                if hook == "get_expiration_time":
+                    return later
+                return super().get_expiration_time(app, session)
+
+        app.session_interface = Custom(
+            base.store, permanent=True, sign_id=False, cleanup_interval=None
+        )
+        client = app.test_client(use_cookies=False)
+        written = client.get("/set/a/1").headers["Set-Cookie"]
+        sent = {"Cookie": written.split(";")[0]}
+        read = client.get("/get/a", headers=sent)
+        assert read.json == "1"
+        for header in (written, read.headers["Set-Cookie"]):
+            if hook == "get_cookie_domain":
+                assert "Domain=custom.example" in header
+            else:
+                assert f"Expires={http_date(later)}" in header
 
     def test_expiry_follows_the_clock(self, tmp_path: t.Any) -> None:
         app = build_app(tmp_path, {"PERMANENT_SESSION_LIFETIME": 3600})
