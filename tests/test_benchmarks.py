@@ -13,6 +13,7 @@ from flask import session
 
 from benchmarks import apps
 from benchmarks.least import LeastInterface
+from benchmarks.least import record_key as least_key
 
 
 @pytest.fixture
@@ -93,3 +94,31 @@ def test_least_session_ignores_a_malformed_cookie(
     response = client.get("/login")
     assert "../" not in response.headers["Set-Cookie"]
     assert len(_records(floor)) == 1
+
+
+@pytest.mark.parametrize("name", ["filesystem", "sqlite", "postgres", "redis", "memcached"])
+def test_least_write_is_a_compare_and_set(
+    name: str, tmp_path: pathlib.Path, request: pytest.FixtureRequest
+) -> None:
+    url = None
+    if name in ("postgres", "redis", "memcached"):
+        url = request.getfixturevalue(f"{name}_server").url
+    store = apps.configure_store(name, tmp_path, url)
+    app = apps.make_app("least", store, tmp_path / "least")
+    try:
+        client = app.test_client()
+        client.get("/login")
+        client.get("/write")
+        interface = app.session_interface
+        assert isinstance(interface, LeastInterface)
+        cookie = client.get_cookie(apps.COOKIE_NAME)
+        assert cookie is not None
+        key = least_key(cookie.value)
+        raw, token = interface.records.read(key)
+        assert b'"seen":0' in raw  # the view's write went through
+        assert interface.records.replace(key, token, raw[:8] + b'{"a":1}')
+        # Another request wrote since: this write is not applied.
+        assert not interface.records.replace(key, token, raw[:8] + b'{"a":2}')
+        assert interface.records.read(key)[0].startswith(raw[:8] + b'{"a":1}')
+    finally:
+        apps.stop_store(store)
