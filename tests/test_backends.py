@@ -122,6 +122,50 @@ class TestSeam:
         record = backend.load(key)
         assert record is not None and record.data == b"section"
 
+    def test_replace_after_a_load_refuses_while_a_section_holds_the_lock(
+        self, backend: Backend, key: str
+    ) -> None:
+        """A replace right after a load of the record, as in a request,
+        keeps the promise: a section entered in between wins (a store that
+        kept what its load read for the replace must still see it)."""
+        backend.save(key, b"old", time.time() + 60)
+        assert backend.load(key) is not None
+        entered, leave = threading.Event(), threading.Event()
+
+        def section() -> None:
+            with backend.lock(key):
+                entered.set()
+                leave.wait(10)
+                backend.save(key, b"section", time.time() + 60)
+
+        holder = threading.Thread(target=section)
+        holder.start()
+        assert entered.wait(10)
+        results: list[bool] = []
+        fast = threading.Thread(
+            target=lambda: results.append(backend.replace(key, b"old", b"fast", time.time() + 60))
+        )
+        fast.start()
+        fast.join(0.2)
+        leave.set()
+        holder.join(10)
+        fast.join(10)
+        assert results == [False]
+        record = backend.load(key)
+        assert record is not None and record.data == b"section"
+
+    def test_replace_after_a_load_sees_later_writes(
+        self, backend: Backend, key: str, backend_name: str
+    ) -> None:
+        backend.save(key, b"old", time.time() + 60)
+        assert backend.load(key) is not None
+        backend.save(key, b"other", time.time() + 60)
+        assert backend.replace(key, b"old", b"new", time.time() + 60) is False
+        assert backend.load(key) == (b"other", pytest.approx(time.time() + 60, abs=5))
+        # A touch in between changes nothing a replace compares.
+        assert backend.touch(key, time.time() + 90) is True
+        replaced = backend.replace(key, b"other", b"new", time.time() + 60)
+        assert replaced is (backend_name in ONE_STEP_WRITES)
 
     def test_touch_extends_a_live_record(self, backend: Backend, key: str) -> None:
         backend.save(key, b"data", time.time() + 60)
