@@ -31,18 +31,20 @@ if t.TYPE_CHECKING:
 
 logger = logging.getLogger("flask_serverside")
 
-#: The methods that make the session cookie: where a subclass overrides one,
-#: its cookie is always built through them.
-_COOKIE_HOOKS = (
-    "get_cookie_name",
-    "get_cookie_domain",
-    "get_cookie_path",
-    "get_cookie_secure",
-    "get_cookie_httponly",
-    "get_cookie_samesite",
-    "get_cookie_partitioned",
-    "get_expiration_time",
-    "cookie_value",
+#: The methods that make the session cookie: where a subclass or an
+#: instance attribute overrides one, the cookie is always built through them.
+_COOKIE_HOOKS = frozenset(
+    {
+        "get_cookie_name",
+        "get_cookie_domain",
+        "get_cookie_path",
+        "get_cookie_secure",
+        "get_cookie_httponly",
+        "get_cookie_samesite",
+        "get_cookie_partitioned",
+        "get_expiration_time",
+        "cookie_value",
+    }
 )
 
 
@@ -77,8 +79,9 @@ class ServerSideSessionInterface(SessionInterface):
         self._next_cleanup = 0.0
         self._cleanup_lock = threading.Lock()
         self._cookie_headers = CookieHeaders()
-        #: Whether the cookie is Flask's (no hook overridden, no absolute
-        #: lifetime): a permanent one is then built from the settings alone.
+        #: Whether the cookie is Flask's (no hook overridden by the class, no
+        #: absolute lifetime): a permanent one is then built from the
+        #: settings alone, unless an instance attribute overrides a hook.
         absolute = store.clocks is not None and store.clocks.absolute is not None
         self._flask_cookie = not absolute and all(
             getattr(type(self), hook) is getattr(ServerSideSessionInterface, hook)
@@ -193,7 +196,7 @@ class ServerSideSessionInterface(SessionInterface):
     def _set_session_cookie(
         self, app: Flask, session: ServerSideSession, response: Response
     ) -> None:
-        if self._flask_cookie and session.permanent:
+        if self._flask_cookie and session.permanent and _COOKIE_HOOKS.isdisjoint(vars(self)):
             header = self._cookie_headers.permanent(app.config, self.cookie_value(app, session.sid))
             if header is not None:
                 response.headers.add("Set-Cookie", header)

@@ -315,6 +315,16 @@ class TestRefreshedCookie:
             else:
                 assert f"Expires={http_date(later)}" in header
 
+    def test_a_hook_set_on_the_instance_makes_the_cookie(self, tmp_path: t.Any) -> None:
+        app = build_app(tmp_path, {})
+        client = app.test_client(use_cookies=False)
+        written = client.get("/set/a/1").headers["Set-Cookie"]
+        interface = app.session_interface
+        interface.get_cookie_domain = lambda app: "patched.example"  # type: ignore[method-assign]
+        read = client.get("/get/a", headers={"Cookie": written.split(";")[0]})
+        assert read.json == "1"
+        assert "Domain=patched.example" in read.headers["Set-Cookie"]
+
     def test_expiry_follows_the_clock(self, tmp_path: t.Any) -> None:
         app = build_app(tmp_path, {"PERMANENT_SESSION_LIFETIME": 3600})
         client = app.test_client()
