@@ -19,8 +19,7 @@ from benchmarks.least import record_key as least_key
 @pytest.fixture
 def least(tmp_path: pathlib.Path) -> tuple[Flask, apps.FileFloor]:
     floor = apps.FileFloor(tmp_path / "records")
-    paths = {*apps.READ_PATHS, "/add", "/size"}
-    app = apps.bare_app(tmp_path / "instance", LeastInterface(floor, paths))
+    app = apps.bare_app(tmp_path / "instance", LeastInterface(floor))
 
     @app.get("/add")
     def add() -> str:
@@ -93,6 +92,19 @@ def test_least_session_ignores_a_malformed_cookie(
     client.set_cookie(apps.COOKIE_NAME, "../../etc/passwd")
     response = client.get("/login")
     assert "../" not in response.headers["Set-Cookie"]
+    assert len(_records(floor)) == 1
+
+
+def test_least_session_starts_anew_on_an_unknown_id(
+    least: tuple[Flask, apps.FileFloor],
+) -> None:
+    app, floor = least
+    client = app.test_client()
+    unknown = "A" * 43
+    client.set_cookie(apps.COOKIE_NAME, unknown)
+    assert client.get("/size").data == b"0"
+    written = client.get("/login").headers["Set-Cookie"]
+    assert unknown not in written
     assert len(_records(floor)) == 1
 
 
