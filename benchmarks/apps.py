@@ -204,7 +204,7 @@ class FloorInterface(BareInterface):
         if request.path in READ_PATHS:
             key = self.record_key(request)
             raw = self.floor.read(key)
-            if request.path in WRITE_PATHS:
+            if request.path in WRITE_PATHS and raw is not None:
                 request.environ["bench.floor"] = (key, raw)
         return content
 
@@ -220,7 +220,8 @@ class Floor:
     def setup(self, key: str, data: bytes) -> None:
         self.write(key, data)
 
-    def read(self, key: str) -> bytes:
+    def read(self, key: str) -> bytes | None:
+        """The record under ``key``, or ``None`` if there is none."""
         raise NotImplementedError
 
     def write(self, key: str, data: bytes) -> None:
@@ -238,8 +239,11 @@ class FileFloor(Floor):
     def setup(self, key: str, data: bytes) -> None:
         pathlib.Path(self.directory, key).write_bytes(data)
 
-    def read(self, key: str) -> bytes:
-        fd = os.open(os.path.join(self.directory, key), os.O_RDONLY)
+    def read(self, key: str) -> bytes | None:
+        try:
+            fd = os.open(os.path.join(self.directory, key), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
         try:
             return os.read(fd, os.fstat(fd).st_size)
         finally:
@@ -282,7 +286,7 @@ class SQLFloor(Floor):
             conn.exec_driver_sql(self.delete, (key,))
             conn.exec_driver_sql(self.insert, (key, data, 1e10))
 
-    def read(self, key: str) -> bytes:
+    def read(self, key: str) -> bytes | None:
         conn = self.engine.raw_connection()
         try:
             cursor = conn.cursor()
@@ -291,7 +295,7 @@ class SQLFloor(Floor):
             cursor.close()
         finally:
             conn.close()
-        return bytes(row[0])
+        return None if row is None else bytes(row[0])
 
     def write(self, key: str, data: bytes) -> None:
         conn = self.engine.raw_connection()
@@ -317,8 +321,8 @@ class RedisFloor(Floor):
     def __init__(self, client: t.Any) -> None:
         self.client = client
 
-    def read(self, key: str) -> bytes:
-        return t.cast(bytes, self.client.get(key))
+    def read(self, key: str) -> bytes | None:
+        return t.cast("bytes | None", self.client.get(key))
 
     def write(self, key: str, data: bytes) -> None:
         self.client.set(key, data, ex=3600)
@@ -330,8 +334,8 @@ class MemcachedFloor(Floor):
     def __init__(self, client: t.Any) -> None:
         self.client = client
 
-    def read(self, key: str) -> bytes:
-        return t.cast(bytes, self.client.get(key))
+    def read(self, key: str) -> bytes | None:
+        return t.cast("bytes | None", self.client.get(key))
 
     def write(self, key: str, data: bytes) -> None:
         self.client.set(key, data, expire=3600, noreply=False)

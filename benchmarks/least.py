@@ -197,7 +197,7 @@ class Records:
     def read(self, key: str) -> tuple[bytes | None, t.Any]:
         """The record (``None``: there is none), and the token
         :meth:`replace` compares."""
-        raw: bytes | None = self.floor.read(key)
+        raw = self.floor.read(key)
         return raw, raw
 
     def create(self, key: str, data: bytes) -> None:
@@ -212,12 +212,6 @@ class FileRecords(Records):
     was read (the floor's write, plus the lock and a read)."""
 
     floor: FileFloor
-
-    def read(self, key: str) -> tuple[bytes | None, t.Any]:
-        try:
-            return super().read(key)
-        except FileNotFoundError:
-            return None, None
 
     def replace(self, key: str, token: t.Any, data: bytes) -> bool:
         fd = os.open(os.path.join(self.floor.directory, key), os.O_RDWR)
@@ -240,18 +234,6 @@ class SQLRecords(Records):
         super().__init__(floor)
         mark = floor.update.rpartition("= ")[2]
         self.sql = f"{floor.update} AND data = {mark}"
-
-    def read(self, key: str) -> tuple[bytes | None, t.Any]:
-        conn = self.floor.engine.raw_connection()
-        try:
-            cursor = conn.cursor()
-            cursor.execute(self.floor.select, (key,))
-            row = cursor.fetchone()
-            cursor.close()
-        finally:
-            conn.close()
-        raw = None if row is None else bytes(row[0])
-        return raw, raw
 
     def replace(self, key: str, token: t.Any, data: bytes) -> bool:
         conn = self.floor.engine.raw_connection()
