@@ -74,6 +74,9 @@ class App:
     cookies: list[str] = field(default_factory=list)
     rps: dict[str, list[float]] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
+    #: Per shape and round: the workers' CPU time per request served, in µs
+    #: (``None`` where the kernel does not tell, see :func:`cpu_ns`).
+    cpu: dict[str, list[float | None]] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -83,9 +86,42 @@ class App:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def record(self, shape: str, rps: float, errors: int) -> None:
-        self.rps.setdefault(shape, []).append(rps)
-        self.errors[shape] = self.errors.get(shape, 0) + errors
+    def record(self, shape: str, turn: Turn) -> None:
+        self.rps.setdefault(shape, []).append(turn.rps)
+        self.errors[shape] = self.errors.get(shape, 0) + turn.errors
+        self.cpu.setdefault(shape, []).append(turn.cpu_per_request())
+
+
+@dataclass
+class Turn:
+    """One app's turn under load: requests/s, errors, and the CPU time its
+    workers used (ns) over the requests served."""
+
+    rps: float
+    errors: int
+    requests: int = 0
+    cpu_ns: int | None = None
+
+    def cpu_per_request(self) -> float | None:
+        if self.cpu_ns is None or not self.requests:
+            return None
+        return self.cpu_ns / self.requests / 1000
+
+
+def cpu_ns(proc: subprocess.Popen[bytes] | None) -> int | None:
+    """The CPU time gunicorn's master ``proc`` and its workers have used, in
+    ns (``/proc/PID/schedstat``: nanoseconds, where ``/proc/PID/stat`` counts
+    10 ms ticks); ``None`` where ``/proc`` does not have it."""
+    if proc is None:
+        return None
+    try:
+        children = pathlib.Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text()
+        total = 0
+        for pid in [proc.pid, *map(int, children.split())]:
+            total += int(pathlib.Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return total
 
 
 @dataclass
@@ -100,6 +136,23 @@ class Result:
     ours: list[float]
     flask_session: list[float]
     errors: int
+    #: Each app's workers' CPU µs per request, per round, by kind.
+    cpu: dict[str, list[float | None]] = field(default_factory=dict)
+
+    def cpu_median(self, kind: str) -> float | None:
+        """The median over the rounds of ``kind``'s CPU µs per request."""
+        values = [v for v in self.cpu.get(kind, []) if v is not None]
+        return statistics.median(values) if values else None
+
+    def cpu_excess(self) -> float | None:
+        """Ours' CPU µs per request over least's: our own cost under load,
+        the median of the per-round differences."""
+        pairs = [
+            (o, lt)
+            for o, lt in zip(self.cpu.get("ours", []), self.cpu.get("least", []))
+            if o is not None and lt is not None
+        ]
+        return statistics.median(o - lt for o, lt in pairs) if pairs else None
 
     def vs_cookie(self) -> float:
         return statistics.median(o / c for o, c in zip(self.ours, self.cookie))
@@ -223,14 +276,20 @@ class Load:
     def name(self) -> str:
         return "wrk -t1" if self.wrk else "asyncio client"
 
-    def run(self, app: App, shape: str, seconds: float | None = None) -> tuple[float, int]:
-        """Load ``app`` with ``shape``; return requests/s and errors."""
+    def run(self, app: App, shape: str, seconds: float | None = None) -> Turn:
+        """Load ``app`` with ``shape``; return what its turn measured."""
         seconds = self.seconds if seconds is None else seconds
+        before = cpu_ns(app.proc)
         if self.wrk:
-            return self._wrk(app, shape, seconds)
-        return self._python(app, shape, seconds)
+            turn = self._wrk(app, shape, seconds)
+        else:
+            turn = self._python(app, shape, seconds)
+        after = cpu_ns(app.proc)
+        if before is not None and after is not None:
+            turn.cpu_ns = after - before
+        return turn
 
-    def _wrk(self, app: App, shape: str, seconds: float) -> tuple[float, int]:
+    def _wrk(self, app: App, shape: str, seconds: float) -> Turn:
         path, _ = SHAPES[shape]
         result = subprocess.run(
             [
@@ -247,9 +306,10 @@ class Load:
         # Read errors left out: gunicorn's sync workers close every connection.
         if m := re.search(SOCKET_ERRORS, out):
             errors += int(m.group(1)) + int(m.group(2)) + int(m.group(3))
-        return rps, errors
+        served = re.search(r"(\d+) requests in", out)
+        return Turn(rps, errors, int(served.group(1)) if served else 0)
 
-    def _python(self, app: App, shape: str, seconds: float) -> tuple[float, int]:
+    def _python(self, app: App, shape: str, seconds: float) -> Turn:
         path, body = SHAPES[shape]
         counts = [0, 0]
 
@@ -264,7 +324,7 @@ class Load:
 
         start = time.monotonic()
         asyncio.run(main())
-        return counts[0] / (time.monotonic() - start), counts[1]
+        return Turn(counts[0] / (time.monotonic() - start), counts[1], sum(counts))
 
 
 def _request(app: App, path: str, i: int) -> bytes:
@@ -321,7 +381,7 @@ def bench_store(
             for shape in SHAPES:
                 shift = round_ % len(group)
                 for app in group[shift:] + group[:shift]:
-                    app.record(shape, *load.run(app, shape))
+                    app.record(shape, load.run(app, shape))
             print(
                 f"  {store.label:<12} round {round_ + 1}: "
                 + "; ".join(
@@ -345,6 +405,10 @@ def bench_store(
             ours.rps[shape],
             theirs.rps[shape],
             sum(app.errors[shape] for app in (floor, least, ours, theirs)),
+            {
+                "cookie": cookie.cpu[shape][before[shape] :],
+                **{app.kind: app.cpu[shape] for app in (floor, least, ours, theirs)},
+            },
         )
         for shape in SHAPES
     ]
@@ -390,6 +454,7 @@ def report(results: list[Result], cookie: App, notes: list[str], load: Load) -> 
             f"  {verdict(r.least_vs_cookie(), False):<12}  {verdict(r.vs_floor(), False):<10}"
             f"  {verdict(r.vs_flask_session(), r.shape == 'read'):<9}  {r.errors:>6}"
         )
+    report_cpu(results)
     for shape in SHAPES:
         if cookie.rps.get(shape):
             print(
@@ -409,6 +474,31 @@ def report(results: list[Result], cookie: App, notes: list[str], load: Load) -> 
             + ", ".join(f"{apps.LABELS[r.store]} {r.shape}" for r in bounded)
             + "."
         )
+
+
+CPU_KINDS = ("cookie", "floor", "least", "ours", "flask-session")
+
+
+def report_cpu(results: list[Result]) -> None:
+    """The apps' own CPU time per request under the same load: less noisy
+    than requests/s, which moves with whatever else the machine runs, and
+    without the store server's share. ours-least is our own cost there."""
+    if not any(r.cpu_median("ours") is not None for r in results):
+        print("CPU per request: not measured (no /proc/PID/schedstat here).")
+        return
+    print(
+        "\nCPU µs per request of the app's gunicorn processes (median over the rounds;"
+        " the store server's CPU not included); ours-least: median of the per-round"
+        " differences."
+    )
+    print(f"{'store':<12} {'shape':<5}  " + "".join(f"{k:>14}" for k in CPU_KINDS) + "  ours-least")
+    for r in results:
+        cells = "".join(_cpu_cell(r.cpu_median(kind)) for kind in CPU_KINDS)
+        print(f"{apps.LABELS[r.store]:<12} {r.shape:<5}  {cells}  {_cpu_cell(r.cpu_excess())}")
+
+
+def _cpu_cell(value: float | None) -> str:
+    return f"{'-':>14}" if value is None else f"{value:>14.0f}"
 
 
 def main() -> None:

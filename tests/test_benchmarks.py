@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pathlib
 import struct
+import subprocess
+import sys
 import time
 
 import pytest
@@ -14,6 +16,8 @@ from flask import session
 from benchmarks import apps
 from benchmarks.least import LeastInterface
 from benchmarks.least import record_key as least_key
+from benchmarks.throughput import cpu_ns
+from benchmarks.throughput import Turn
 
 
 @pytest.fixture
@@ -134,3 +138,33 @@ def test_least_write_is_a_compare_and_set(
         assert interface.records.read(key)[0].startswith(raw[:8] + b'{"a":1}')
     finally:
         apps.stop_store(store)
+
+
+BURN = """
+import os, sys, time
+if os.fork() == 0:  # a worker, as gunicorn's master forks them
+    end = time.process_time() + float(sys.argv[1])
+    while time.process_time() < end:
+        pass
+    time.sleep(30)
+    os._exit(0)
+time.sleep(30)
+"""
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/schedstat").exists(), reason="needs /proc")
+def test_throughput_counts_the_cpu_time_of_the_workers() -> None:
+    """The CPU column of ``throughput.py`` adds up the master and the
+    workers it forked, in ns."""
+    proc = subprocess.Popen([sys.executable, "-c", BURN, "0.3"])
+    try:
+        time.sleep(1.5)
+        used = cpu_ns(proc)
+        assert used is not None
+        assert 0.3e9 <= used < 1.5e9
+    finally:
+        proc.kill()
+        proc.wait()
+    assert cpu_ns(proc) is None  # gone: no figure rather than a wrong one
+    assert Turn(1000.0, 0, 500, 250_000_000).cpu_per_request() == 500.0
+    assert Turn(1000.0, 0, 0, 250_000_000).cpu_per_request() is None
