@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import replace
 from datetime import datetime
+from operator import is_
 from uuid import UUID
 
 from markupsafe import Markup
@@ -131,6 +132,8 @@ def same(old: t.Any, new: t.Any) -> bool:
     if kind is list or kind is tuple:
         if len(old) != len(new):
             return False
+        if all(map(is_, old, new)):
+            return True  # the copy of a list of leaves holds the same objects
         if all(type(a) in _PLAIN and type(a) is type(b) for a, b in zip(old, new)):
             return bool(old == new)  # one comparison in C, not a call per item
         return all(map(same, old, new))

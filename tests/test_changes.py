@@ -465,3 +465,15 @@ def test_a_copied_flat_list_is_its_own() -> None:
     value.append("more")
     assert copied == ["tea", 1, None]
     assert not same(copied, value)
+
+
+@pytest.mark.parametrize("replacement", [1, True, -0.0, "1.0", Markup("0.0")])
+def test_a_copied_list_tells_an_item_replaced_in_place(replacement: t.Any) -> None:
+    """The copy of a flat list holds the same objects, so an unchanged list
+    is found unchanged by identity alone; an item replaced in place by one
+    that compares equal but serializes otherwise is still a change."""
+    value = [0.0, "a"] if replacement == 0 else [1.0, "a"]
+    copied = copy_value(value)
+    assert same(copied, value)
+    value[0] = replacement
+    assert not same(copied, value)
