@@ -86,3 +86,31 @@ def test_unknown_types_fail_as_in_flask() -> None:
         JSONSerializer().dumps({"value": object()})
     with pytest.raises(TypeError):
         flask_dumps({"value": object()})
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"a":1}',
+        b' {"a":1}\n',
+        b'{"a":1} ',
+        '{"a":"\u00e9"}'.encode(),
+        '{"a":"\u00e9"}'.encode("utf-16"),
+        '{"a":1}'.encode("utf-16-le"),
+        '{"a":1}'.encode("utf-8-sig"),
+    ],
+)
+def test_json_reads_what_json_loads_reads(raw: bytes) -> None:
+    """A record is read as ``json.loads`` reads its bytes: whitespace
+    around it, any of the encodings JSON may come in."""
+    assert JSONSerializer().loads(raw) == json.loads(raw)
+
+
+@pytest.mark.parametrize(
+    "raw", [b'{"a":1}x', b'{"a":1}{}', b'{"a":1', b"[1]", b"1", b"", b'{"a":"\xff"}']
+)
+def test_json_refuses_what_is_not_one_object(raw: bytes) -> None:
+    """Trailing data, a truncated record or another JSON value is an error
+    (the store then ignores the record, as corrupt)."""
+    with pytest.raises(ValueError):
+        JSONSerializer().loads(raw)
