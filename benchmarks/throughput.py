@@ -480,9 +480,8 @@ CPU_KINDS = ("cookie", "floor", "least", "ours", "flask-session")
 
 
 def report_cpu(results: list[Result]) -> None:
-    """The apps' own CPU time per request under the same load: less noisy
-    than requests/s, which moves with whatever else the machine runs, and
-    without the store server's share. ours-least is our own cost there."""
+    """The apps' own CPU time per request under the same load, without the
+    store server's share: ours-least is our own cost there."""
     if not any(r.cpu_median("ours") is not None for r in results):
         print("CPU per request: not measured (no /proc/PID/schedstat here).")
         return
