@@ -285,7 +285,8 @@ class Load:
         else:
             turn = self._python(app, shape, seconds)
         after = cpu_ns(app.proc)
-        if before is not None and after is not None:
+        # A worker that exited meanwhile took its CPU time with it: no figure.
+        if before is not None and after is not None and after >= before:
             turn.cpu_ns = after - before
         return turn
 
