@@ -67,11 +67,13 @@ class JSONSerializer:
             # to the C decoder, without json.loads' checks around it.
             text = data.decode("utf-8", "surrogatepass")
             value, end = self._decoder.raw_decode(text)
-            if end == len(text):
-                return t.cast("dict[str, t.Any]", value)
-        # What json.loads does with bytes.
-        text = data.decode(json.detect_encoding(data), "surrogatepass")
-        value = self._decoder.decode(text)
+            if end != len(text):
+                value = self._decoder.decode(text)  # space after it, or an error
+        else:
+            # What json.loads does with bytes.
+            text = data.decode(json.detect_encoding(data), "surrogatepass")
+            value = self._decoder.decode(text)
+        # A tag's object ({" t": [...]}) decodes to a tuple, bytes...
         if not isinstance(value, dict):
             raise ValueError("a session record must hold a JSON object")
         return value

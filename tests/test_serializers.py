@@ -107,10 +107,23 @@ def test_json_reads_what_json_loads_reads(raw: bytes) -> None:
 
 
 @pytest.mark.parametrize(
-    "raw", [b'{"a":1}x', b'{"a":1}{}', b'{"a":1', b"[1]", b"1", b"", b'{"a":"\xff"}']
+    "raw",
+    [
+        b'{"a":1}x',
+        b'{"a":1}{}',
+        b'{"a":1',
+        b"[1]",
+        b"1",
+        b"",
+        b'{"a":"\xff"}',
+        b'{" t":[]}',
+        b'{" t":["a",1]}',
+        b'{" b":"eA=="}',
+    ],
 )
 def test_json_refuses_what_is_not_one_object(raw: bytes) -> None:
     """Trailing data, a truncated record or another JSON value is an error
-    (the store then ignores the record, as corrupt)."""
+    (the store then ignores the record, as corrupt); so is an object that
+    Flask's tags turn into a tuple or bytes."""
     with pytest.raises(ValueError):
         JSONSerializer().loads(raw)
