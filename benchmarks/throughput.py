@@ -10,7 +10,10 @@ otherwise a small asyncio client. Two request shapes: ``read`` (``GET
 /read``: three keys) and ``write`` (``GET /write``: one key set), each with
 the cookie of one of several sessions a first request per connection
 created. The figure per app is the median over the rounds; the ratios are
-medians of the per-round ratios (the apps of a round ran back to back).
+medians of the per-round ratios (the apps of a round ran back to back). A
+second table gives each app's CPU time per request under that load, from
+its gunicorn processes' ``/proc/PID/schedstat`` (the store server's left
+out), and ours' excess over least's.
 
 Run it from the repository root: ``python benchmarks/throughput.py`` (``make
 bench`` runs it too).
